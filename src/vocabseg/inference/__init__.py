@@ -1,0 +1,1 @@
+"""Turning dense features into per-pixel class probabilities: windows, thresholds, refinement."""

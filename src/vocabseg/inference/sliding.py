@@ -1,0 +1,103 @@
+"""Resizing and sliding-window inference, batched across windows and images.
+
+The window grid is mmseg's (``forward_slide``): ``n = max(size - crop + stride - 1, 0) // stride + 1``
+windows per axis, the last one shifted back to end at the border, window logits summed and divided
+by a count map. The official repos run the windows one by one at batch 1; here all windows of all
+images are grouped by shape and run ``batch_size`` at a time, which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rescaled_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """mmcv ``rescale``: short side -> ``short_side`` unless the long side would pass ``max_long_side``."""
+    if short_side <= 0:
+        return height, width
+    scale = min(max_long_side / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a (C, H, W) or (B, C, H, W) float image (no antialiasing, like cv2)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    batched = image if image.ndim == 4 else image[None]
+    out = F.interpolate(batched, size=size, mode="bilinear", align_corners=False)
+    return out if image.ndim == 4 else out[0]
+
+
+def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of every window; ``crop == 0`` means one window covering the image."""
+    if crop <= 0:
+        return [(0, height, 0, width)]
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2 = min(r * stride + crop, height)
+            x2 = min(c * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+@dataclass(frozen=True)
+class _Window:
+    image: int
+    box: tuple[int, int, int, int]
+
+
+def sliding_window_logits(
+    images: Sequence[torch.Tensor],
+    window_logits: Callable[[torch.Tensor], torch.Tensor],
+    crop: int,
+    stride: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Average window logits over each image.
+
+    Args:
+        images: (3, H_i, W_i) tensors, sizes may differ.
+        window_logits: maps a batch of windows (b, 3, h, w) to logits (b, K, h, w).
+        progress: called with the number of windows done after each batch.
+    Returns:
+        one (K, H_i, W_i) float32 tensor per image.
+    """
+    groups: dict[tuple[int, int], list[_Window]] = defaultdict(list)
+    for i, image in enumerate(images):
+        for box in window_boxes(image.shape[-2], image.shape[-1], crop, stride):
+            groups[(box[1] - box[0], box[3] - box[2])].append(_Window(i, box))
+    sums: list[torch.Tensor | None] = [None] * len(images)
+    counts = [img.new_zeros(img.shape[-2:], dtype=torch.float32) for img in images]
+    for windows in groups.values():
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start : start + batch_size]
+            batch = torch.stack([images[w.image][:, w.box[0] : w.box[1], w.box[2] : w.box[3]] for w in chunk])
+            logits = window_logits(batch).float()
+            for w, out in zip(chunk, logits):
+                y1, y2, x1, x2 = w.box
+                if sums[w.image] is None:
+                    h, wd = images[w.image].shape[-2:]
+                    sums[w.image] = out.new_zeros((out.shape[0], h, wd))
+                sums[w.image][:, y1:y2, x1:x2] += out
+                counts[w.image][y1:y2, x1:x2] += 1
+            if progress is not None:
+                progress(len(chunk))
+    return [s / c for s, c in zip(sums, counts)]
+
+
+def centered_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding up to a multiple (ProxyCLIP ``compute_padsize``)."""
+    if multiple <= 0:
+        return 0, 0, 0, 0
+    pad_w = -width % multiple
+    pad_h = -height % multiple
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2

@@ -1,0 +1,26 @@
+"""``clearclip``: ClearCLIP (Lan et al., ECCV 2024).
+
+Last block: q-q self-attention with neither the residual nor the FFN: F = LN_post(O(softmax(s·QQᵀ)V))·P.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..inference.config import InferenceConfig
+from .base import DenseCLIPMethod
+from .registry import register_method
+
+
+@register_method(
+    "clearclip",
+    defaults=InferenceConfig(short_side=448, crop=448, stride=224, logit_scale=50.0),
+    summary="Q-Q attention, residual and FFN removed.",
+    reference="Lan et al., ClearCLIP, ECCV 2024",
+)
+class ClearCLIP(DenseCLIPMethod):
+    def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor):
+        tower = self.tower
+        q, _, v = tower.qkv(tower.last_block.ln_1(x))
+        return tower.out_proj(F.scaled_dot_product_attention(q, q, v))[:, 1:], grid

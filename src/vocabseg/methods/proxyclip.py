@@ -1,0 +1,98 @@
+"""``proxyclip``: ProxyCLIP (Lan et al., ECCV 2024), proxy attention from a vision foundation model.
+
+Last block, with VFM features E (each token L2-normalised) on the VFM grid (h', w'):
+    S = ÊÊᵀ,  A = γ·(S − β·mean(S)),  A_ij = −∞ where A_ij < 0,  Attn = softmax(A)  (shared by heads)
+    F = LN_post(O(Attn·V'))·P,  V' = CLIP's patch values, bilinearly resized to the VFM grid,
+with no residual and no FFN (research notes 1.5; seed 003, the PAM equations). The mean is taken per
+image (the official code runs one crop at a time, so batching must not mix crops: note (d)1).
+Defaults γ = 3, β = 1.2. One deviation, only where the official code yields NaN: a row whose every
+entry is masked keeps its diagonal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..inference.config import InferenceConfig
+from ..models.clip import clip_normalization
+from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD, load_vfm
+from .base import DenseCLIPMethod
+from .registry import register_method
+
+VFMLike = nn.Module | Callable[[torch.Tensor], torch.Tensor]
+
+
+def proxy_attention(feats: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
+    """Attention weights (B, M, M) from VFM features (B, C, h, w), per image."""
+    e = F.normalize(feats.flatten(2).float(), dim=1)  # (B, C, M)
+    sim = e.transpose(1, 2) @ e  # (B, M, M)
+    logits = gamma * (sim - beta * sim.mean(dim=(1, 2), keepdim=True))
+    masked = logits < 0
+    empty_rows = masked.all(dim=-1, keepdim=True)
+    eye = torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    masked &= ~(empty_rows & eye)
+    return logits.masked_fill(masked, float("-inf")).softmax(dim=-1)
+
+
+@register_method(
+    "proxyclip",
+    defaults=InferenceConfig(short_side=336, crop=336, stride=112, logit_scale=40.0, pad_multiple=56),
+    summary="Proxy attention from a VFM (DINO/DINOv2/SAM), CLIP values on the VFM grid.",
+    reference="Lan et al., ProxyCLIP, ECCV 2024",
+)
+class ProxyCLIP(DenseCLIPMethod):
+    """Args:
+    vfm: a short VFM name (``dino_vitb8``, ``dinov2_vitb14``, ``sam_vitb``...) or any module /
+        callable mapping ImageNet-normalised images (B, 3, H, W) to features (B, C, h, w).
+    vfm_pretrained: for a VFM name: ``"default"`` (hub weights), a local file, or ``None`` (random).
+    gamma, beta: the proxy-attention temperature and mean-offset (Eq. of PAM).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        vfm: str | VFMLike = "dino_vitb8",
+        vfm_pretrained: str | None = "default",
+        gamma: float = 3.0,
+        beta: float = 1.2,
+    ):
+        super().__init__(clip)
+        if isinstance(vfm, str):
+            device = next(clip.parameters()).device
+            vfm = load_vfm(vfm, vfm_pretrained, device=device)
+        if not callable(vfm):
+            raise TypeError(f"vfm must be a name or a callable module, got {type(vfm).__name__}")
+        self.vfm = vfm
+        self.gamma = gamma
+        self.beta = beta
+        mean, std = clip_normalization(clip)
+        # CLIP-normalised input -> ImageNet-normalised input for the VFM: x * a + b, per channel
+        scale = torch.tensor(std) / torch.tensor(IMAGENET_STD)
+        shift = (torch.tensor(mean) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+        self.register_buffer("_to_vfm_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_to_vfm_shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def vfm_features(self, images: torch.Tensor) -> torch.Tensor:
+        vfm_images = images.float() * self._to_vfm_scale + self._to_vfm_shift
+        feats = self.vfm(vfm_images)
+        if not (isinstance(feats, torch.Tensor) and feats.ndim == 4 and feats.shape[0] == images.shape[0]):
+            got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+            raise ValueError(f"The VFM must return (B, C, h, w) features; got {got}")
+        return feats
+
+    def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor):
+        tower = self.tower
+        feats = self.vfm_features(images)
+        attn = proxy_attention(feats, self.gamma, self.beta)  # (B, M, M)
+        out_grid = (feats.shape[-2], feats.shape[-1])
+        _, _, v = tower.qkv(tower.last_block.ln_1(x))  # (B, H, 1+N, d)
+        b, h, _, d = v.shape
+        v = v[:, :, 1:].reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
+        v = F.interpolate(v, size=out_grid, mode="bilinear", align_corners=False)
+        v = v.flatten(2).transpose(1, 2).reshape(b, h, -1, d)  # (B, H, M, d)
+        attended = attn.unsqueeze(1).to(v.dtype) @ v
+        return tower.out_proj(attended), out_grid

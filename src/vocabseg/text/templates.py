@@ -1,0 +1,53 @@
+"""Prompt templates: named sets, or any custom list of strings containing ``{}``.
+
+The default is the 80 OpenAI ImageNet templates every SCLIP-lineage method uses; they are taken
+from open_clip (one source of truth) rather than re-typed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+from .._names import lookup
+
+# Beyond-Labels (seed 000), appendix H, as printed: 12 entries, one of them listed twice (kept,
+# so it carries twice the weight in the average, as in the paper's list).
+BEYOND_LABELS_TEMPLATES = (
+    "An image of a {}.",
+    "This is an image of a {}.",
+    "An image of a small {}.",
+    "An image of a medium {}.",
+    "An image of a large {}.",
+    "An image of a {} within the context.",
+    "An image of the {} within the context.",
+    "An image of the {} within the context.",
+    "A resized image of a {} within the context.",
+    "This falls under a {} within the context.",
+    "This falls under the {} within the context.",
+    "This falls under one {} within the context.",
+)
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "openai80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
+    "openai7": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
+    "beyond_labels12": BEYOND_LABELS_TEMPLATES,
+    "name": ("{}",),
+}
+DEFAULT_TEMPLATES = "openai80"
+
+
+def resolve_templates(templates: str | Sequence[str] | None = None) -> tuple[str, ...]:
+    """A template-set name (see :data:`TEMPLATE_SETS`) or a list of ``{}`` strings -> the strings."""
+    if templates is None:
+        templates = DEFAULT_TEMPLATES
+    if isinstance(templates, str):
+        return lookup(TEMPLATE_SETS, templates, "template set")
+    resolved = tuple(templates)
+    if not resolved:
+        raise ValueError("The template list is empty.")
+    bad = [t for t in resolved if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"Each template must contain '{{}}' exactly once; these do not: {bad}")
+    return resolved

@@ -1,0 +1,141 @@
+"""Class vocabularies with synonyms and an optional background class.
+
+Syntax (command line and Python strings): classes are separated by ``,`` and the synonyms of one
+class by ``;`` — ``"car, road, person; man; woman"`` is three classes, the last with three names.
+Class files hold one class per line; on a line, synonyms are separated by ``;`` or ``,`` (so the
+``, ``-separated ``cls_*.txt`` files of the SCLIP lineage and the ``; ``-separated ones of ProxyCLIP
+both read correctly). A class is displayed by its first name; the background class as "background".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import VocabularyError
+
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class VocabClass:
+    """One class: every name is encoded and the names' probabilities are max-merged."""
+
+    names: tuple[str, ...]
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"\s+", " ", name).strip()
+
+
+def _key(name: str) -> str:  # CLIP's tokenizer lower-cases and collapses whitespace
+    return _clean(name).lower()
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An ordered list of classes; ``background_index`` is the class thresholded pixels go to.
+
+    The background class may have no names (then it is reached only through the probability
+    threshold), or names such as ``sky; wall; floor`` that compete with the other classes.
+    """
+
+    classes: tuple[VocabClass, ...]
+    background_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise VocabularyError("The class list is empty: give at least one class name.")
+        seen: dict[str, int] = {}
+        for i, cls in enumerate(self.classes):
+            if not cls.names and i != self.background_index:
+                raise VocabularyError(f"Class {i} has no name.")
+            for name in cls.names:
+                if not _clean(name):
+                    raise VocabularyError(f"Class {i} ({cls.names!r}) contains an empty name.")
+                key = _key(name)
+                if key in seen:
+                    where = "twice in the same class" if seen[key] == i else f"in classes {seen[key]} and {i}"
+                    raise VocabularyError(f"Duplicate class name {name!r} ({where}); names must be unique.")
+                seen[key] = i
+        if self.background_index is not None and not 0 <= self.background_index < len(self.classes):
+            raise VocabularyError(f"background_index {self.background_index} is out of range.")
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_list(cls, classes: Iterable[str | Sequence[str]], *, background_index: int | None = None) -> Vocabulary:
+        """From ``["car", "person; man", ["tv", "television"]]``: a string may carry ``;`` synonyms."""
+        parsed = []
+        for i, item in enumerate(classes):
+            names = item.split(";") if isinstance(item, str) else list(item)
+            names = [_clean(n) for n in names]
+            if not any(names):
+                raise VocabularyError(f"Class {i} is empty (got {item!r}).")
+            if not all(names):
+                raise VocabularyError(f"Class {i} ({item!r}) contains an empty synonym.")
+            parsed.append(VocabClass(tuple(names)))
+        return cls(tuple(parsed), background_index)
+
+    @classmethod
+    def parse(cls, text: str) -> Vocabulary:
+        """From the command-line syntax ``"car, road, person; man"``."""
+        if not text.strip():
+            raise VocabularyError("The class list is empty: give class names like 'cat, sofa, tv; monitor'.")
+        items = text.split(",")
+        if any(not item.strip() for item in items):
+            raise VocabularyError(f"Empty class name in {text!r} (two commas in a row, or a trailing comma?).")
+        return cls.from_list(items)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, background_index: int | None = None) -> Vocabulary:
+        """One class per line; synonyms separated by ``;`` or ``,``. Blank lines are skipped."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise VocabularyError(f"Class file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise VocabularyError(f"Class file {path} is not UTF-8 text: {exc}") from None
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise VocabularyError(f"Class file {path} has no classes.")
+        return cls.from_list([re.split(r"[;,]", ln) for ln in lines], background_index=background_index)
+
+    def with_background(self, names: Sequence[str] = ()) -> Vocabulary:
+        """Append a ``background`` class; ``names`` (e.g. ``["sky", "wall"]``) are its text prompts.
+
+        Without names the class has no prompt and is reached only through the probability threshold.
+        """
+        if self.background_index is not None:
+            raise VocabularyError("This vocabulary already has a background class.")
+        if BACKGROUND in (_key(n) for c in self.classes for n in c.names):
+            raise VocabularyError(
+                f"A class is already named {BACKGROUND!r}; give background names with --background "
+                "instead of listing 'background' among the classes, or do not ask for a background."
+            )
+        names = tuple(_clean(n) for n in names)
+        if not all(names):
+            raise VocabularyError(f"Empty background name in {names!r}.")
+        return Vocabulary((*self.classes, VocabClass(names)), len(self.classes))
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        """Display names: the first name of each class, ``background`` for the background class."""
+        return [BACKGROUND if i == self.background_index else c.names[0] for i, c in enumerate(self.classes)]
+
+    @property
+    def prompt_names(self) -> list[str]:
+        """Every name to encode, flattened in class order."""
+        return [n for c in self.classes for n in c.names]
+
+    @property
+    def name_to_class(self) -> list[int]:
+        """For each entry of :attr:`prompt_names`, the index of its class."""
+        return [i for i, c in enumerate(self.classes) for _ in c.names]
+
+    def __len__(self) -> int:
+        return len(self.classes)
