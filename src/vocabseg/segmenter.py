@@ -238,7 +238,10 @@ class Segmenter:
 
     # -- internals -------------------------------------------------------------------------------------
     def _normalize(self, array: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).to(self.device).permute(2, 0, 1).float() / 255.0
+        x = (
+            torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).to(self.device).permute(2, 0, 1).float()
+            / 255.0
+        )
         return (x - self._mean) / self._std
 
     def _window_logits_fn(self, text: torch.Tensor, pad_multiple: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,1 @@
+"""The ``vocabseg`` command line."""

@@ -1,0 +1,47 @@
+"""``vocabseg methods``: the registered methods and their default settings."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+from ..methods import get_method_spec, list_methods
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list methods and their default settings")
+    p.set_defaults(run=run)
+
+
+def _method_options(cls: type) -> str:
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # skip self, clip
+    return ", ".join(f"{p.name}={p.default!r}" for p in params) or "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    header = ("method", "short side", "crop/stride", "logit scale", "PAMR", "pad", "options")
+    rows = []
+    for name in list_methods():
+        spec = get_method_spec(name)
+        d = spec.defaults
+        window = "whole" if d.crop == 0 else f"{d.crop}/{d.stride}"
+        pamr = f"{d.pamr_steps}x{list(d.pamr_dilations)}" if d.pamr_steps else "off"
+        rows.append(
+            (
+                name,
+                str(d.short_side),
+                window,
+                f"{d.logit_scale:g}",
+                pamr,
+                str(d.pad_multiple or "-"),
+                _method_options(spec.cls),
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print()
+    for name in list_methods():
+        spec = get_method_spec(name)
+        print(f"{name:10s} {spec.summary}  [{spec.reference}]")
+    return 0

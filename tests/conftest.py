@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random-weight CLIP and VFM models built from real architectures.
+
+The environment is set before anything imports huggingface_hub: HF_HUB_OFFLINE is read at import
+time, and without it every failed hub lookup retries for ~46 s.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["VOCABSEG_CACHE"] = tempfile.mkdtemp(prefix="vocabseg-test-cache-")
+
+import json  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CLIP = "vocabseg-test-tiny"  # 3 blocks, width 64, 2 heads, patch 16, native 64 px (4x4 grid)
+
+open_clip.add_model_config(ASSETS / f"{TINY_CLIP}.json")
+
+
+def make_tiny_clip(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = open_clip.create_model(TINY_CLIP, pretrained=None)
+    return model.eval()
+
+
+def make_tiny_vfm(seed: int = 0, patch: int = 8) -> torch.nn.Module:
+    """A 2-block timm DINO-architecture ViT (random weights) wrapped as a vocabseg VFM."""
+    import timm
+
+    from vocabseg.models.vfm import TimmVFM
+
+    torch.manual_seed(seed)
+    name = f"vit_small_patch{patch}_224"
+    model = timm.create_model(
+        name, pretrained=False, num_classes=0, depth=2, embed_dim=48, num_heads=2, dynamic_img_size=True
+    )
+    return TimmVFM(model.eval())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> torch.nn.Module:
+    return make_tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def tiny_vfm() -> torch.nn.Module:
+    return make_tiny_vfm()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tiny_clip) -> Path:
+    """A ``local-dir:`` folder (open_clip_config.json + safetensors weights) of the tiny model."""
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    cfg = json.loads((ASSETS / f"{TINY_CLIP}.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in tiny_clip.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture()
+def rgb_image() -> np.ndarray:
+    """A 50x70 image with structure (left half red-ish, right half blue-ish, noise)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60, size=(50, 70, 3), dtype=np.uint8)
+    img[:, :35, 0] += 180
+    img[:, 35:, 2] += 180
+    return img
