@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.model import resize_pos_embed
 from open_clip.pretrained import download_pretrained_from_hf
 
 from .._names import lookup
@@ -71,13 +73,42 @@ def _check_architecture(name: str) -> str:
     return lookup(table, cleaned, "open_clip model")
 
 
-def _check_pretrained(arch: str, pretrained: str) -> None:
-    if Path(pretrained).suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained:
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"Checkpoint file not found: {pretrained}")
-        return
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    lookup({t: t for t in tags}, pretrained, f"pretrained tag for {arch}")
+def _is_checkpoint_path(pretrained: str) -> bool:
+    return Path(pretrained).suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained or Path(pretrained).is_file()
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's released ``.pt`` files are TorchScript archives (a zip with a ``code/`` folder)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _load_checkpoint_file(arch: str, path_str: str, device: str | torch.device) -> torch.nn.Module:
+    """A local checkpoint: a state dict (.bin/.pth/.pt/.safetensors) or an OpenAI TorchScript archive."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    try:
+        if not _is_torchscript_archive(path):
+            return open_clip.create_model(arch, pretrained=str(path), device=device)
+        # torch.load(weights_only=True) refuses TorchScript; torch.jit.load runs no pickled Python code
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clip = open_clip.create_model(arch, pretrained=None)
+        resize_pos_embed(state, clip)
+        clip.load_state_dict(state, strict=True)
+        return clip.to(device)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        raise WeightsUnavailableError(
+            f"Could not load {arch} weights from {path}: {exc}\n"
+            "  - The file must be an open_clip/OpenAI state dict (.bin, .pth, .pt, .safetensors) or an "
+            "OpenAI TorchScript .pt archive, for this architecture."
+        ) from exc
 
 
 def load_clip(
@@ -128,8 +159,12 @@ def load_clip(
                 stacklevel=2,
             )
             clip = open_clip.create_model(arch, pretrained=None, device=device)
+        elif _is_checkpoint_path(pretrained):
+            clip = _load_checkpoint_file(arch, pretrained, device)
         else:
-            _check_pretrained(arch, pretrained)
+            lookup(
+                {t: t for t in open_clip.list_pretrained_tags_by_model(arch)}, pretrained, f"pretrained tag for {arch}"
+            )
             try:
                 clip = open_clip.create_model(arch, pretrained=pretrained, device=device, cache_dir=cache_dir)
             except RuntimeError as exc:

@@ -113,7 +113,8 @@ def load_vfm(
         model = timm.create_model(
             spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": os.fspath(pretrained)}, **kwargs
         )
-    return TimmVFM(model.eval().to(device), spec.fixed_size)
+    fixed_size = timm_kwargs.get("img_size", spec.fixed_size) if spec.fixed_size else None
+    return TimmVFM(model.eval().to(device), fixed_size)
 
 
 def _vfm_unavailable(name: str, spec: VFMSpec, cause: BaseException) -> WeightsUnavailableError:
