@@ -62,7 +62,8 @@ class Segmenter:
             (``"default"`` hub weights, a file, or ``None`` for random).
         device, dtype: where and in which precision the model runs (fp16/bf16 only on a GPU).
         templates: a template-set name (``openai80``, ``beyond_labels12``...) or a list of strings.
-        text_cache_dir: where text embeddings are cached (``None`` disables the cache).
+        text_cache_dir: where text embeddings are cached: ``"default"`` (``$VOCABSEG_CACHE`` or
+            ``~/.cache/vocabseg``), a folder, or ``None`` to disable the cache.
         tokenizer: for model objects whose tokenizer is not CLIP's BPE.
         surgery: apply the CLIP-Surgery feature adjustment to the logits.
         max_pixels: refuse larger images.
@@ -87,7 +88,7 @@ class Segmenter:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         templates: str | Sequence[str] | None = None,
-        text_cache_dir: str | os.PathLike | None = default_cache_dir(),  # noqa: B008
+        text_cache_dir: str | os.PathLike | None = "default",
         tokenizer: Any = None,
         surgery: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -113,7 +114,8 @@ class Segmenter:
                 kwargs["vfm"] = vfm
             kwargs["vfm_pretrained"] = vfm_pretrained
         self.method = self.spec.cls(self.clip.model, **kwargs).to(self.device, self.dtype).eval()
-        self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, text_cache_dir)
+        cache = default_cache_dir() if text_cache_dir == "default" else text_cache_dir
+        self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, cache)
         self.pamr = PAMR(self.config.pamr_steps, self.config.pamr_dilations)
         mean, std = self.clip.mean, self.clip.std
         self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
@@ -189,6 +191,7 @@ class Segmenter:
             total += len(window_boxes(rh, rw, config.crop, config.stride))
         return total
 
+    @torch.inference_mode()
     def predict_arrays(
         self,
         arrays: Sequence[np.ndarray],
