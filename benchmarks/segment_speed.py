@@ -1,0 +1,164 @@
+"""Segmentation throughput and peak memory per method, batched vs. the official crop-by-crop way.
+
+For each method and protocol, the same images are segmented twice in separate processes (so each
+peak-memory figure is its own): "batched" (all windows of all images grouped, ``batch_size`` at a
+time, as vocabseg runs them) and "batch 1" (one image at a time, one window at a time, as the
+official repositories run them). Both must give the same probabilities; the table prints the
+largest difference, images/s of both and their ratio. Random ViT-B/16 (+ random DINO ViT-B/8 for
+ProxyCLIP) weights: speed does not depend on the weights' values.
+
+    python benchmarks/segment_speed.py                       # CPU, all methods, both protocols
+    python benchmarks/segment_speed.py --device cuda --images 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+PROTOCOLS = {  # name -> (short side, crop, stride)
+    "336 / 224 s112": (336, 224, 112),
+    "448 / 448 s224": (448, 448, 224),
+}
+METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"]
+
+
+def make_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """VOC-sized test images (500 x 375 and 375 x 500, alternating)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(375, 500, 3) if i % 2 == 0 else (500, 375, 3), dtype=np.uint8) for i in range(n)]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from vocabseg import Segmenter
+
+    short, crop, stride = PROTOCOLS[args.protocol]
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.manual_seed(0)  # both processes must build the same random weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = Segmenter(
+            method=args.method,
+            model="ViT-B-16",
+            pretrained=None,
+            vfm_pretrained=None,
+            device=args.device,
+            text_cache_dir=None,
+            short_side=short,
+            crop=crop,
+            stride=stride,
+            pamr_steps=0,  # PAMR is post-processing at full resolution: timed apart from the dense forward
+            batch_size=1 if args.mode == "batch1" else args.batch_size,
+        )
+    images = make_images(args.images)
+    classes = "person, car, dog, cat, chair, sofa, tv monitor, table, bottle, plant"
+    seg.segment(images[0], classes)  # warm-up, and text encoding outside the timing
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if args.mode == "batch1":
+        results = [seg.segment(img, classes) for img in images]
+    else:
+        results = seg.segment(images, classes)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    np.save(args.save_probs, np.concatenate([r.probs.ravel() for r in results]))
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if args.device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    print(json.dumps({"images_per_s": args.images / seconds, "peak_mib": peak}))
+
+
+def run_worker(method: str, protocol: str, mode: str, args: argparse.Namespace, probs_path: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--protocol", protocol, "--mode", mode,
+           "--images", str(args.images), "--device", args.device, "--batch-size", str(args.batch_size),
+           "--save-probs", probs_path, "--threads", str(args.threads)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} {protocol} {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
+    # worker-only options
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--protocol", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--save-probs", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    header = (
+        f"ViT-B/16 (random weights), {args.images} images of 500x375 / 375x500, 10 classes x 80 templates "
+        f"(text encoded before timing), PAMR off, batched = {args.batch_size} windows per forward.\n"
+        f"Device: {args.device} — {device}; torch {torch.__version__}.\n"
+    )
+    rows = ["| method | protocol (short / crop stride) | batched img/s | batch-1 img/s | speed-up | "
+            "peak MiB batched | peak MiB batch-1 | max prob diff |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    print(header)
+    print("\n".join(rows), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for protocol in args.protocols:
+            for method in args.methods:
+                a, b = f"{tmp}/a.npy", f"{tmp}/b.npy"
+                batched = run_worker(method, protocol, "batched", args, a)
+                single = run_worker(method, protocol, "batch1", args, b)
+                diff = float(np.abs(np.load(a) - np.load(b)).max())
+                row = (
+                    f"| {method} | {protocol} | {batched['images_per_s']:.2f} | {single['images_per_s']:.2f} | "
+                    f"{batched['images_per_s'] / single['images_per_s']:.2f}x | {batched['peak_mib']:.0f} | "
+                    f"{single['peak_mib']:.0f} | {diff:.1e} |"
+                )
+                rows.append(row)
+                print(row, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# Segmentation speed\n\n{header}\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
