@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .io.files import atomic_write
 from .io.visualize import class_colors, label_image, overlay
 
 
@@ -83,19 +83,8 @@ class SegmentationResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"mask": out / "mask.png", "overlay": out / "overlay.png", "json": out / "result.json"}
-        _atomic_write(paths["mask"], lambda f: self.mask_image().save(f, format="PNG"))
-        _atomic_write(paths["overlay"], lambda f: self.overlay_image().save(f, format="PNG"))
+        atomic_write(paths["mask"], lambda f: self.mask_image().save(f, format="PNG"))
+        atomic_write(paths["overlay"], lambda f: self.overlay_image().save(f, format="PNG"))
         text = json.dumps(self.to_json(), indent=2).encode()
-        _atomic_write(paths["json"], lambda f: f.write(text))
+        atomic_write(paths["json"], lambda f: f.write(text))
         return paths
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -22,7 +22,7 @@ from .methods import get_method_spec
 from .models.clip import LoadedCLIP, clip_normalization, default_tokenizer, load_clip
 from .result import SegmentationResult
 from .text.encoder import TextEncoder, default_cache_dir
-from .text.templates import resolve_templates
+from .text.templates import DEFAULT_TEMPLATES, resolve_templates
 from .text.vocabulary import Vocabulary
 
 ClassesLike = str | Sequence[str | Sequence[str]] | Vocabulary
@@ -102,7 +102,7 @@ class Segmenter:
         self.surgery = surgery
         self.max_pixels = max_pixels
         self.templates = resolve_templates(templates)
-        self.template_name = templates if isinstance(templates, str) or templates is None else "custom"
+        self.template_name = (templates or DEFAULT_TEMPLATES) if isinstance(templates, (str, type(None))) else "custom"
 
         self.clip = self._load_clip(model, pretrained, tokenizer)
         kwargs = dict(method_kwargs or {})
@@ -116,7 +116,6 @@ class Segmenter:
         self.method = self.spec.cls(self.clip.model, **kwargs).to(self.device, self.dtype).eval()
         cache = default_cache_dir() if text_cache_dir == "default" else text_cache_dir
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, cache)
-        self.pamr = PAMR(self.config.pamr_steps, self.config.pamr_dilations)
         mean, std = self.clip.mean, self.clip.std
         self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(3, 1, 1)
@@ -207,7 +206,7 @@ class Segmenter:
         ]
         window_fn = self._window_logits_fn(text, config.pad_multiple)
         logits = sliding_window_logits(resized, window_fn, config.crop, config.stride, config.batch_size, progress)
-        pamr = self.pamr if config.pamr_steps == self.pamr.num_iter else PAMR(config.pamr_steps, config.pamr_dilations)
+        pamr = PAMR(config.pamr_steps, config.pamr_dilations)
         results = []
         for array, small, image_logits in zip(arrays, resized, logits):
             size = array.shape[:2]

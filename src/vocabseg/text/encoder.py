@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from ..io.files import atomic_write
 
 
 def default_cache_dir() -> Path:
@@ -97,16 +98,8 @@ class TextEncoder:
         path = self.cache_file
         if path is None:
             return
-        merged = {**self._read_disk(), **entries}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in merged.items()}, tmp)
-            os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        merged = {k: v.contiguous() for k, v in {**self._read_disk(), **entries}.items()}
+        atomic_write(path, lambda f: f.write(save(merged)))  # readers never see half a file
 
     @torch.no_grad()
     def encode(self, names: Sequence[str]) -> torch.Tensor:
