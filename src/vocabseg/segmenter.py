@@ -18,7 +18,7 @@ from .inference.postprocess import class_probabilities, decide_labels
 from .inference.sliding import centered_padding, rescaled_size, resize_image, sliding_window_logits
 from .inference.surgery import surgery_logits
 from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
-from .methods import get_method_spec
+from .methods import create_method, get_method_spec
 from .models.clip import LoadedCLIP, clip_normalization, default_tokenizer, load_clip
 from .result import SegmentationResult
 from .text.encoder import TextEncoder, default_cache_dir
@@ -106,14 +106,13 @@ class Segmenter:
 
         self.clip = self._load_clip(model, pretrained, tokenizer)
         kwargs = dict(method_kwargs or {})
-        accepts = inspect.signature(self.spec.cls.__init__).parameters
-        if vfm is not None or "vfm" in accepts:
-            if "vfm" not in accepts:
-                raise ValueError(f"Method {method!r} does not use a VFM; drop vfm=... (only proxyclip does).")
+        if "vfm" in inspect.signature(self.spec.cls.__init__).parameters:
+            kwargs.setdefault("vfm_pretrained", vfm_pretrained)
             if vfm is not None:
                 kwargs["vfm"] = vfm
-            kwargs["vfm_pretrained"] = vfm_pretrained
-        self.method = self.spec.cls(self.clip.model, **kwargs).to(self.device, self.dtype).eval()
+        elif vfm is not None:
+            raise ValueError(f"Method {method!r} does not use a VFM; drop vfm=... (only proxyclip does).")
+        self.method = create_method(method, self.clip.model, **kwargs).to(self.device, self.dtype).eval()
         cache = default_cache_dir() if text_cache_dir == "default" else text_cache_dir
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, cache)
         mean, std = self.clip.mean, self.clip.std
