@@ -178,17 +178,6 @@ class Segmenter:
         results = self.predict_arrays(arrays, vocab, config, progress=progress)
         return results[0] if single else results
 
-    def count_windows(self, sizes: Sequence[tuple[int, int]], config: InferenceConfig | None = None) -> int:
-        """How many windows ``segment`` will run for images of these (H, W) sizes (for progress bars)."""
-        from .inference.sliding import window_boxes
-
-        config = config or self.config
-        total = 0
-        for h, w in sizes:
-            rh, rw = rescaled_size(h, w, config.short_side, config.max_long_side)
-            total += len(window_boxes(rh, rw, config.crop, config.stride))
-        return total
-
     @torch.inference_mode()
     def predict_arrays(
         self,

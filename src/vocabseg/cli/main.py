@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -30,17 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"vocabseg: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # open_clip logs its own "no pretrained weights" line; our warnings already say it, once and clearly
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.run(args) or 0)
     except VocabsegError as exc:
         print(f"vocabseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vocabseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.setLevel(level)
 
 
 if __name__ == "__main__":
