@@ -148,3 +148,15 @@ def test_corrupt_cache_is_rebuilt(tiny_clip, tmp_path):
     healed = TextEncoder(tiny_clip, tok, ("{}",), cache_dir=tmp_path)  # the rebuilt file is valid again
     torch.testing.assert_close(healed.encode(["cat"]), want)
     assert healed.last_encoded == 0
+
+
+def test_memory_cache_is_bounded_and_disk_still_serves(tiny_clip, tmp_path):
+    tok = default_tokenizer(tiny_clip)
+    enc = TextEncoder(tiny_clip, tok, ("{}",), cache_dir=tmp_path, memory_entries=2)
+    first = enc.encode(["a", "b", "c"])  # more names than the cap in one call: all are returned
+    assert len(enc._memory) == 3
+    enc.encode(["d"])
+    assert len(enc._memory) == 2  # the least recently used entries ("a", "b") left memory
+    again = enc.encode(["a"])  # evicted from memory, read back from disk without encoding
+    assert enc.last_encoded == 0
+    torch.testing.assert_close(again[0], first[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ class TextEncoder:
     """Encodes names with prompt ensembling; ``cache_dir=None`` disables the disk cache.
 
     ``last_encoded`` is the number of names the last :meth:`encode` call had to run through the
-    text tower (0 when everything came from the cache).
+    text tower (0 when everything came from the cache). At most ``memory_entries`` embeddings are
+    kept in memory (least recently used first out), so a long-running server stays bounded.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class TextEncoder:
         templates: Sequence[str],
         cache_dir: str | os.PathLike | None = None,
         prompts_per_batch: int = 256,
+        memory_entries: int = 20_000,
     ):
         self.clip = clip
         self.tokenizer = tokenizer
@@ -73,7 +76,8 @@ class TextEncoder:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.prompts_per_batch = prompts_per_batch
         self.last_encoded = 0
-        self._memory: dict[str, torch.Tensor] = {}
+        self.memory_entries = memory_entries
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_file: Path | None = None
 
     @property
@@ -115,7 +119,12 @@ class TextEncoder:
             self._memory.update(fresh)
             self._write_disk(fresh)
         device = next(self.clip.parameters()).device
-        return torch.stack([self._memory[k] for k in keys]).to(device)
+        out = torch.stack([self._memory[k] for k in keys]).to(device)
+        for k in keys:  # most recently used last; evict from the front
+            self._memory.move_to_end(k)
+        while len(self._memory) > max(self.memory_entries, len(set(keys))):
+            self._memory.popitem(last=False)
+        return out
 
     def _encode_uncached(self, names: Sequence[str]) -> torch.Tensor:
         prompts = [t.format(n) for n in names for t in self.templates]
