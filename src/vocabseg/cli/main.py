@@ -16,6 +16,7 @@ from ..errors import VocabsegError
 SUBCOMMANDS = {
     "segment": "vocabseg.cli.segment",
     "methods": "vocabseg.cli.methods",
+    "serve": "vocabseg.cli.serve",
 }
 
 
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_open_clip_random_weights_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"vocabseg: warning: {message}", file=sys.stderr)
 
@@ -39,9 +44,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # open_clip logs its own "no pretrained weights" line; our warnings already say it, once and clearly
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)
+    # open_clip logs its own "no pretrained weights" line; our warning already says it, once and clearly
+    root = logging.getLogger()
+    root.addFilter(_drop_open_clip_random_weights_notice)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -53,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vocabseg: interrupted", file=sys.stderr)
         return 130
     finally:
-        root.setLevel(level)
+        root.removeFilter(_drop_open_clip_random_weights_notice)
 
 
 if __name__ == "__main__":
