@@ -33,3 +33,7 @@ class UnknownNameError(VocabsegError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class DatasetLayoutError(VocabsegError, ValueError):
+    """A dataset folder that is missing, incomplete or not in the expected on-disk layout."""

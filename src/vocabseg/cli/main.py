@@ -16,6 +16,7 @@ from ..errors import VocabsegError
 SUBCOMMANDS = {
     "segment": "vocabseg.cli.segment",
     "methods": "vocabseg.cli.methods",
+    "eval": "vocabseg.cli.eval",
     "serve": "vocabseg.cli.serve",
 }
 

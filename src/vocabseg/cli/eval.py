@@ -1,0 +1,168 @@
+"""``vocabseg eval --benchmark voc21 --data-root DIR --method proxyclip [--protocol paper|unified]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetLayoutError, VocabsegError
+from .common import add_model_options, segmenter_from_args, settings_from_args
+
+BENCHMARK_GROUPS = {
+    "all": "the 8 standard training-free benchmarks",
+    "pascal5i": "the 4 PASCAL-5i folds",
+}
+# command-line flag -> dataset-builder keyword
+DATASET_OPTIONS = {
+    "classes_file": "--classes-file",
+    "ignore_index": "--ignore-index",
+    "reduce_zero_label": "--reduce-zero-label",
+    "background_index": "--background-index",
+    "episodes": "--episodes",
+    "pairs_file": "--pairs-file",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..data.pascal5i import EPISODE_POLICIES
+    from ..eval.metrics import CONVENTIONS
+    from ..eval.protocols import PROTOCOLS
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a method on segmentation benchmarks (mIoU)",
+        description="Evaluate on the community's benchmarks under a stated protocol. Writes OUT/<benchmark>/"
+        "<method>-<run id>/ (result.json, result.md with per-class IoU, per-image records that make an "
+        "interrupted run resume) and OUT/summary.md (method x benchmark). Runs sharded under torchrun.",
+        epilog="Example: vocabseg eval -b all --data-root data/ --method sclip --protocol paper. "
+        "Run `vocabseg eval --list` for the benchmarks and the layouts they expect.",
+    )
+    p.add_argument("--benchmark", "-b", help="a benchmark, a comma-separated list, 'all' or 'pascal5i'")
+    p.add_argument("--data-root", type=Path, help="the dataset folder, or a folder holding the standard ones")
+    p.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="settings per benchmark")
+    p.add_argument("--convention", default="mmseg", choices=list(CONVENTIONS), help="headline metric convention")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each split")
+    p.add_argument("--out", "-o", type=Path, default=Path("results"), help="output folder (default: results/)")
+    p.add_argument("--save-predictions", action="store_true", help="write each prediction as a palette PNG")
+    p.add_argument("--images-per-batch", type=int, default=2, help="images whose windows share forward passes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    d = p.add_argument_group("dataset options")
+    d.add_argument("--classes-file", type=Path, default=None, help="class names, one class per line in label order")
+    d.add_argument("--ignore-index", type=int, default=None, help="folder: label value not scored (default 255)")
+    d.add_argument("--reduce-zero-label", action="store_true", default=None, help="folder: label 0 is ignored")
+    d.add_argument("--background-index", type=int, default=None, help="folder: the background class")
+    d.add_argument("--episodes", default=None, choices=list(EPISODE_POLICIES), help="PASCAL-5i episode policy")
+    d.add_argument("--pairs-file", type=Path, default=None, help="PASCAL-5i: an HSNet-style fold list")
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def expand_benchmarks(text: str) -> list[str]:
+    """``all`` / ``pascal5i`` / ``voc21,ade150`` -> benchmark names (checked)."""
+    from ..data import STANDARD_BENCHMARKS, get_dataset_spec
+    from ..data.pascal5i import NUM_FOLDS
+
+    groups = {"all": list(STANDARD_BENCHMARKS), "pascal5i": [f"pascal5i-{i}" for i in range(NUM_FOLDS)]}
+    names: list[str] = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        for name in groups.get(part, [part]):
+            get_dataset_spec(name)  # unknown names fail here, with suggestions
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def _dataset_options(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per benchmark, the dataset options given on the command line that its builder takes."""
+    from ..data.registry import dataset_options
+
+    given = {k: getattr(args, k) for k in DATASET_OPTIONS if getattr(args, k) is not None}
+    per_name = {}
+    for name in names:
+        accepted = dataset_options(name)
+        per_name[name] = {k: v for k, v in given.items() if k in accepted}
+    unused = [DATASET_OPTIONS[k] for k in given if not any(k in opts for opts in per_name.values())]
+    if unused:
+        raise VocabsegError(f"{', '.join(unused)} does not apply to {', '.join(names)}.")
+    return per_name
+
+
+def list_benchmarks() -> None:
+    from ..data.registry import DATASETS
+
+    for name, spec in DATASETS.items():
+        required = ", ".join(p for p, _ in spec.layout.required())
+        size = f"{spec.num_images} images" if spec.num_images else "any size"
+        classes = spec.classes.num_classes or "user"
+        print(f"{name:12s} {spec.description} [{classes} classes, {size}]")
+        under = " or ".join(["DIR", *(f"DIR/{d}" for d in spec.layout.subdirs)])
+        print(f"{'':12s}   expects {required} under {under}")
+    print("\ngroups: " + "; ".join(f"{k} = {v}" for k, v in BENCHMARK_GROUPS.items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        list_benchmarks()
+        return 0
+    if not args.benchmark or args.data_root is None:
+        raise VocabsegError("give --benchmark and --data-root (or --list to see the benchmarks).")
+    from ..eval.distributed import exit_process, init_distributed, process_device
+
+    names = expand_benchmarks(args.benchmark)
+    options = _dataset_options(args, names)
+    world = init_distributed(args.device)
+    args.device = process_device(args.device, world)
+    code = 2
+    try:
+        code = _run(args, names, options, world.is_main)
+    except VocabsegError as exc:
+        if not world.distributed:
+            raise
+        print(f"vocabseg: error (rank {world.rank}): {exc}", file=sys.stderr)
+    if world.distributed:
+        exit_process(code)
+    return code
+
+
+def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str, Any]], is_main: bool) -> int:
+    from ..data import build_dataset
+    from ..eval import evaluate, write_summary
+
+    say = print if is_main else (lambda *a, **k: None)
+    seg = segmenter_from_args(args)
+    overrides = settings_from_args(args)
+    done, missing = 0, []
+    for name in names:
+        try:
+            dataset = build_dataset(name, args.data_root, **options[name])
+        except DatasetLayoutError as exc:
+            if len(names) == 1:
+                raise
+            missing.append(name)
+            say(f"{name}: skipped, {exc}", file=sys.stderr)
+            continue
+        for note in dataset.notes:
+            say(f"{name}: {note}", file=sys.stderr)
+        result = evaluate(
+            seg,
+            dataset,
+            protocol=args.protocol,
+            overrides=overrides,
+            out_dir=args.out,
+            limit=args.limit,
+            convention=args.convention,
+            save_predictions=args.save_predictions,
+            images_per_batch=args.images_per_batch,
+            progress=not args.no_progress,
+        )
+        done += 1
+        extra = f", FB-IoU {100 * result.metrics['FB-IoU']:.2f}" if "FB-IoU" in result.metrics else ""
+        say(f"{name}: mIoU {100 * result.miou:.2f}{extra} ({result.info['protocol']['label']}, "
+            f"{result.info['convention']}) -> {result.run_dir}/")  # fmt: skip
+    if is_main and done:
+        say(f"summary: {write_summary(args.out)}")
+    if missing:
+        say(f"{len(missing)} benchmark(s) not found under {args.data_root}: {', '.join(missing)}", file=sys.stderr)
+    return 0 if done else 2

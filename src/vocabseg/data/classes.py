@@ -1,0 +1,126 @@
+"""Benchmark class names: the packaged class files and how a benchmark's vocabulary is assembled.
+
+The files under ``classnames/`` follow the SCLIP lineage (``configs/cls_<dataset>.txt``): one class
+per line in label order, synonyms on one line (separated by ``;``). Each fact is written once:
+
+* ``voc.txt`` (20 VOC classes) serves VOC21, VOC20 and PASCAL-5i;
+* ``coco_stuff.txt`` (171 classes, the first 80 being the COCO things) serves COCO-Stuff and COCO-Object;
+* ``background_stuff.txt`` is the one-line, 26-name background class of SCLIP's VOC21 / COCO-Object
+  files; PASCAL-Context-60's background is the literal word ``background``.
+
+A background name that is also a class name of the dataset is dropped (the class keeps it): SCLIP's
+COCO-Object file lists ``bed`` both as background and as a class, which makes ``bed`` unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .._names import lookup
+from ..errors import DatasetLayoutError, VocabularyError
+from ..text.vocabulary import Vocabulary
+
+ClassNames = list[list[str]]  # one list of synonyms per class, in label order
+
+
+def _parse_lines(text: str) -> ClassNames:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return [[n.strip() for n in re.split(r"[;,]", ln) if n.strip()] for ln in lines]
+
+
+def packaged_class_file(name: str) -> ClassNames:
+    """A class file shipped in ``vocabseg/data/classnames/<name>.txt``."""
+    files = {p.name[:-4]: p for p in resources.files(__package__).joinpath("classnames").iterdir()}
+    path = lookup({k: v for k, v in files.items() if v.name.endswith(".txt")}, name, "class file")
+    return _parse_lines(path.read_text(encoding="utf-8"))
+
+
+def read_class_file(path: str | os.PathLike) -> ClassNames:
+    """A user's class list, in one of the formats the community ships:
+
+    * text, one class per line, synonyms separated by ``;`` or ``,`` (SCLIP / ProxyCLIP ``cls_*.txt``);
+    * text ``index: name`` lines (PASCAL-Context's ``labels.txt``), ordered by index;
+    * JSON, a list of names (CAT-Seg's ``datasets/*.json``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetLayoutError(f"Class file not found: expected a file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        names = json.loads(text)
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise VocabularyError(f"{path}: expected a JSON list of class names")
+        return _parse_lines("\n".join(names))
+    indexed = [re.match(r"^\s*(\d+)\s*:\s*(.+?)\s*$", ln) for ln in text.splitlines() if ln.strip()]
+    if indexed and all(indexed):
+        pairs = sorted((int(m.group(1)), m.group(2)) for m in indexed)
+        return _parse_lines("\n".join(name for _, name in pairs))
+    return _parse_lines(text)
+
+
+@dataclass(frozen=True)
+class ClassSource:
+    """Where a benchmark's class names come from.
+
+    Attributes:
+        file: a packaged class file name, or ``None`` when the user must supply the list.
+        take: use only the first ``take`` classes of the file (COCO-Object: the 80 things).
+        background: ``"stuff"`` (the 26 SCLIP names), ``"literal"`` (the word ``background``) or
+            ``None``; when set, the background class is label 0 and the file's classes follow.
+        num_classes: the number of classes (a user-supplied list must have exactly this many);
+            ``None`` for user datasets, whose class file defines it.
+        background_index: for user datasets, the class that thresholded pixels go to.
+    """
+
+    file: str | None
+    num_classes: int | None
+    take: int | None = None
+    background: str | None = None
+    background_index: int | None = None
+
+    @property
+    def background_label(self) -> int | None:
+        """The label index of the background class (0 for VOC21 / Context-60 / COCO-Object)."""
+        return 0 if self.background is not None else self.background_index
+
+    def names(self, user_file: str | os.PathLike | None = None, *, benchmark: str = "") -> ClassNames:
+        """Class names in label order, background (if any) first."""
+        if user_file is not None:
+            classes = read_class_file(user_file)
+        elif self.file is None:
+            raise DatasetLayoutError(
+                f"{benchmark}: vocabseg does not ship the {self.num_classes} class names of this benchmark; "
+                f"pass --classes-file FILE (classes_file=...) with one class per line in label order "
+                "(e.g. ProxyCLIP's configs/cls_*.txt, or CAT-Seg's datasets/*.json)."
+            )
+        else:
+            classes = packaged_class_file(self.file)[: self.take]
+            if self.background is not None:
+                classes = [_BACKGROUNDS[self.background](classes), *classes]
+        if self.num_classes is not None and len(classes) != self.num_classes:
+            source = user_file if user_file is not None else f"packaged {self.file}.txt"
+            raise VocabularyError(
+                f"{benchmark}: {source} has {len(classes)} classes, but the benchmark has {self.num_classes}."
+            )
+        return classes
+
+    def vocabulary(self, user_file: str | os.PathLike | None = None, *, benchmark: str = "") -> Vocabulary:
+        """The Segmenter vocabulary whose class index equals the dataset label index."""
+        names = self.names(user_file, benchmark=benchmark)
+        return Vocabulary.from_list(names, background_index=self.background_label)
+
+
+def _stuff_background(classes: ClassNames) -> list[str]:
+    taken = {n.lower() for names in classes for n in names}
+    return [n for n in packaged_class_file("background_stuff")[0] if n.lower() not in taken]
+
+
+_BACKGROUNDS = {
+    "stuff": _stuff_background,
+    "literal": lambda classes: ["background"],
+}

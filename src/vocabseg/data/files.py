@@ -1,0 +1,63 @@
+"""Reading benchmark images and label maps, and writing files atomically.
+
+Label maps are read as stored: palette PNGs (VOC ``SegmentationClass``) give their palette
+indices, grayscale PNGs (``*_labelTrainIds.png``) their values, 16-bit TIFFs (the detectron2
+``annotations_detectron2`` of ADE-847 / PASCAL-Context-459) their uint16 values. Images are read
+without applying EXIF orientation: the annotations are in stored-pixel order (mmcv / PIL default).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DatasetLayoutError
+from ..io.files import atomic_write
+
+_LABEL_MODES = {"P", "L", "I;16", "I;16L", "I;16B", "I", "1"}
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) int64 label values of a single-channel label image."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            labels = np.asarray(img).astype(np.int64) if mode in _LABEL_MODES else None
+    except FileNotFoundError:
+        raise DatasetLayoutError(f"Label file missing: expected {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetLayoutError(f"{path}: unreadable label file ({exc})") from None
+    if labels is None:
+        raise DatasetLayoutError(
+            f"{path}: a {mode} image is not a label map; expected single-channel class indices "
+            "(a palette or grayscale PNG, or a 16-bit TIFF), not a colour visualisation."
+        )
+    return labels
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels in stored order (no EXIF rotation)."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetLayoutError(f"Image missing: expected {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetLayoutError(f"{path}: unreadable image ({exc})") from None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """A palette PNG (up to 256 classes; grayscale without a palette), else a 16-bit PNG."""
+    if labels.max(initial=0) > 255:
+        img = Image.fromarray(labels.astype(np.uint16))
+    else:
+        img = Image.fromarray(labels.astype(np.uint8), mode="P" if palette is not None else "L")
+        if palette is not None:
+            img.putpalette(np.asarray(palette, dtype=np.uint8)[:256].reshape(-1).tolist())
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -1,0 +1,148 @@
+"""Evaluation protocols: which inference settings a method runs with on a benchmark.
+
+* ``paper``: each method's published per-dataset settings, as committed in its official
+  ``configs/cfg_<dataset>.py`` (training_free.md §2, "Per-dataset protocol settings"). The base is the
+  method's registered defaults; the table below holds only what a paper changes per benchmark.
+* ``unified``: one shared protocol for like-for-like comparison: short side 336 (Cityscapes 560,
+  as most of the lineage), 224 windows with stride 112, logit scale 40, no PAMR, no area threshold,
+  and on datasets with a background class a probability threshold of 0.1 (the most common value:
+  SCLIP, NACLIP, CASS). Architecture-bound settings (ProxyCLIP's window padding) stay the method's.
+* ``default``: the method's registered defaults, unchanged (no threshold).
+
+Command-line settings (``--short-side 448``...) are applied on top and recorded as overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .._names import lookup
+from ..data.registry import STANDARD_BENCHMARKS
+from ..inference.config import InferenceConfig
+from ..methods import get_method_spec
+
+
+class PaperProtocol(NamedTuple):
+    source: str  # where the settings are committed
+    settings: dict[str, dict[str, Any]]  # benchmark -> settings that differ from the method's defaults
+
+
+PAPER: dict[str, PaperProtocol] = {
+    "sclip": PaperProtocol("wangf3014/SCLIP configs/cfg_*.py", {
+        "voc21": {"logit_scale": 65.0, "prob_threshold": 0.1, "area_threshold": 0.1},
+        "context60": {"logit_scale": 50.0, "prob_threshold": 0.1},
+        "coco_object": {"logit_scale": 50.0, "prob_threshold": 0.1},
+        "coco_stuff": {"short_side": 448},
+        "cityscapes": {"short_side": 560},
+    }),
+    "clearclip": PaperProtocol("mc-lan/ClearCLIP configs/cfg_*.py", {
+        "voc21": {"prob_threshold": 0.5},
+        "context60": {"prob_threshold": 0.15},
+        "coco_object": {"prob_threshold": 0.4},
+        "cityscapes": {"crop": 224},
+    }),
+    "naclip": PaperProtocol("sinahmr/NACLIP configs/cfg_*.py (PAMR on)", {
+        "voc21": {"crop": 0, "prob_threshold": 0.1},
+        "voc20": {"crop": 0},
+        "context60": {"prob_threshold": 0.1},
+        "coco_object": {"prob_threshold": 0.1},
+        "cityscapes": {"short_side": 560},
+    }),
+    "proxyclip": PaperProtocol("mc-lan/ProxyCLIP configs/cfg_*.py", {
+        "voc21": {"prob_threshold": 0.2},
+        "context60": {"prob_threshold": 0.15},
+        "coco_object": {"prob_threshold": 0.25},
+        "cityscapes": {"short_side": 448, "crop": 224, "stride": 112},
+        "ade150": {"short_side": 448},
+        "ade847": {"short_side": 448},
+        "context459": {"short_side": 448},
+    }),
+    # whole image, 512 short side, no background handling: the method's registered defaults
+    "maskclip": PaperProtocol("chongzhou96/MaskCLIP configs/maskclip/*.py", {}),
+}  # fmt: skip
+
+UNIFIED_BASE: dict[str, Any] = {
+    "short_side": 336,
+    "max_long_side": 2048,
+    "crop": 224,
+    "stride": 112,
+    "logit_scale": 40.0,
+    "area_threshold": 0.0,
+    "pamr_steps": 0,
+}
+UNIFIED_BENCHMARK: dict[str, dict[str, Any]] = {"cityscapes": {"short_side": 560}}
+UNIFIED_BACKGROUND_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class ResolvedProtocol:
+    """The settings one evaluation ran with, and where they came from (printed in every report)."""
+
+    name: str
+    config: InferenceConfig
+    source: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "overrides": dict(self.overrides)}
+
+    @property
+    def label(self) -> str:
+        """``paper``, or ``paper+overrides`` when command-line settings changed it."""
+        return self.name + ("+overrides" if self.overrides else "")
+
+
+def _paper(method: str, benchmark: str, has_background: bool) -> tuple[dict[str, Any], str]:
+    if method not in PAPER:
+        return {}, f"{method} has no published per-benchmark protocol: the method's defaults"
+    paper = PAPER[method]
+    settings = paper.settings.get(benchmark, {})
+    if not settings and benchmark not in STANDARD_BENCHMARKS:
+        return {}, f"{paper.source}; no published setting for {benchmark}: the method's defaults"
+    return dict(settings), f"{paper.source} ({benchmark})"
+
+
+def _unified(method: str, benchmark: str, has_background: bool) -> tuple[dict[str, Any], str]:
+    settings = {**UNIFIED_BASE, **UNIFIED_BENCHMARK.get(benchmark, {})}
+    settings["prob_threshold"] = UNIFIED_BACKGROUND_THRESHOLD if has_background else 0.0
+    return settings, "vocabseg unified protocol"
+
+
+def _default(method: str, benchmark: str, has_background: bool) -> tuple[dict[str, Any], str]:
+    return {}, f"{method} registered defaults"
+
+
+PROTOCOLS: dict[str, Callable[[str, str, bool], tuple[dict[str, Any], str]]] = {
+    "paper": _paper,
+    "unified": _unified,
+    "default": _default,
+}
+
+
+def resolve_protocol(
+    name: str,
+    method: str,
+    benchmark: str,
+    has_background: bool,
+    overrides: dict[str, Any] | None = None,
+) -> ResolvedProtocol:
+    """The :class:`InferenceConfig` of ``method`` on ``benchmark`` under protocol ``name``.
+
+    Args:
+        benchmark: the benchmark whose published settings apply (a dataset's ``settings_key``).
+        has_background: the vocabulary has a background class (thresholds apply only then).
+        overrides: settings given explicitly (command line), applied last.
+    """
+    settings, source = lookup(PROTOCOLS, name, "protocol")(method, benchmark, has_background)
+    config = get_method_spec(method).defaults.updated(**settings)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given:
+        config = config.updated(**given)
+    if not has_background and config.prob_threshold > 0:
+        raise ValueError(
+            f"prob_threshold={config.prob_threshold} needs a background class, and {benchmark} has none "
+            "(SCLIP issue #2: do not threshold datasets without background)."
+        )
+    return ResolvedProtocol(name, config, source, given)

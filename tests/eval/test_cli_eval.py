@@ -1,0 +1,83 @@
+"""``vocabseg eval`` end to end with the tiny model in a local-dir folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vocabseg.cli.eval import expand_benchmarks
+from vocabseg.cli.main import main
+from vocabseg.data.synthetic import write_synthetic, write_synthetic_pascal5i
+
+
+@pytest.fixture()
+def model_args(tiny_clip_dir):
+    return ["--model", f"local-dir:{tiny_clip_dir}", "--method", "sclip", "--templates", "name",
+            "--short-side", "64", "--crop", "32", "--stride", "16", "--no-progress"]  # fmt: skip
+
+
+def test_list(capsys):
+    assert main(["eval", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("voc21", "context459", "ade847", "folder", "pascal5i-3", "SegmentationClassAug/"):
+        assert name in out
+
+
+def test_expand_benchmarks():
+    assert expand_benchmarks("all") == [
+        "voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade150",
+    ]  # fmt: skip
+    assert expand_benchmarks("pascal5i, voc20,voc20") == [*(f"pascal5i-{i}" for i in range(4)), "voc20"]
+
+
+def test_all_runs_the_benchmarks_present_and_reports_the_others(tmp_path, model_args, capsys):
+    write_synthetic("voc20", tmp_path / "data", num_images=2, nested=True)
+    write_synthetic("ade150", tmp_path / "data", num_images=2, nested=True)
+    out = tmp_path / "out"
+    code = main(["eval", "-b", "all", "--data-root", str(tmp_path / "data"), "-o", str(out), "--save-predictions",
+                 *model_args])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    for name in ("voc21", "voc20", "ade150"):  # VOC21 shares VOC20's folder
+        assert f"{name}: mIoU" in captured.out
+    assert "5 benchmark(s) not found" in captured.err and "coco_stuff: skipped, coco_stuff: no COCO-Stuff164k" in (
+        captured.err
+    )
+    summary = (out / "summary.md").read_text()
+    assert "| method | model | protocol | voc21 | voc20 | ade150 | avg (standard 8) |" in summary
+    assert "(3 of 8)" in summary
+    (ade_run,) = (out / "ade150").iterdir()
+    result = json.loads((ade_run / "result.json").read_text())
+    assert result["dataset"]["label_handling"].startswith("reduce_zero_label")
+    assert result["templates"] == "name"
+    assert len(list((ade_run / "predictions").glob("*.png"))) == 2
+
+
+def test_single_missing_benchmark_fails_with_the_layout_message(tmp_path, model_args, capsys):
+    (tmp_path / "data").mkdir()
+    assert main(["eval", "-b", "cityscapes", "--data-root", str(tmp_path / "data"), *model_args]) == 2
+    err = capsys.readouterr().err
+    assert "no Cityscapes" in err and "leftImg8bit/val/ (images)" in err and "an empty folder" in err
+
+
+def test_option_checks(tmp_path, model_args, capsys):
+    assert main(["eval", "-b", "voc21", "--data-root", str(tmp_path), "--episodes", "pairs", *model_args]) == 2
+    assert "--episodes does not apply to voc21" in capsys.readouterr().err
+    assert main(["eval", "-b", "vco21", "--data-root", str(tmp_path), *model_args]) == 2
+    assert "Did you mean 'voc21'" in capsys.readouterr().err
+    assert main(["eval", "-b", "voc21", *model_args]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
+def test_pascal5i_folds(tmp_path, model_args, capsys):
+    write_synthetic_pascal5i(tmp_path / "VOC2012", num_images=2, hsnet_lists=True)
+    code = main(["eval", "-b", "pascal5i-0,pascal5i-1", "--data-root", str(tmp_path), "--episodes", "hsnet1000",
+                 "-o", str(tmp_path / "out"), *model_args])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "pascal5i-0: mIoU" in out and "FB-IoU" in out
+    (run,) = (tmp_path / "out" / "pascal5i-1").iterdir()
+    md = (run / "result.md").read_text()
+    assert "HSNet's 1000 episodes" in md and "FB-IoU" in md and "| bus |" in md
+    assert "settings | short side 64" in md and "prob threshold 0.1" in md  # SCLIP's VOC21 paper threshold
