@@ -11,8 +11,8 @@ from PIL import Image
 from vocabseg.data import build_dataset
 from vocabseg.data.convert import convert_coco, convert_context, convert_mask, decode_rle
 from vocabseg.data.convert.__main__ import main as convert_main
-from vocabseg.data.convert.rle import decode_counts
 from vocabseg.errors import DatasetLayoutError
+from vocabseg.io.rle import string_to_runs as decode_counts
 
 
 def test_compressed_rle_counts_by_hand():
@@ -35,7 +35,7 @@ def test_rle_matches_pycocotools():
 
 
 def test_rle_refuses_wrong_sizes():
-    with pytest.raises(ValueError, match="sum to 5, expected 2x3"):
+    with pytest.raises(ValueError, match="cover 5 pixels, expected 2 x 3"):
         decode_rle({"size": [2, 3], "counts": [2, 3]})
 
 

@@ -18,7 +18,8 @@ pytest.importorskip("gradio", reason="the web extra is not installed: pip instal
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vocabseg.serve import ServeConfig, create_app, rle  # noqa: E402
+from vocabseg.io import rle  # noqa: E402
+from vocabseg.serve import ServeConfig, create_app  # noqa: E402
 
 from .helpers import Gate, encode_png, make_image  # noqa: E402
 

@@ -19,8 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import ImageLoadError, ImageTooLargeError, VocabsegError
+from ..io import rle
 from ..result import SegmentationResult
-from . import rle
 from .engine import Engine, ServerBusyError
 
 PNG_DESCRIPTION = "PNG of class indices (mode P, 8-bit; the palette holds the class colours)"

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from ...errors import DatasetLayoutError
 from ...io.files import atomic_write
+from ...io.rle import decode as decode_rle
 from .coco import THING_VALUES
-from .rle import decode_rle
 
 # COCO category id (1..90) -> COCO-Object label (1..80)
 CATEGORY_TO_LABEL = {value + 1: index + 1 for index, value in enumerate(THING_VALUES)}

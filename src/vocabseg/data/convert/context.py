@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from ...errors import DatasetLayoutError
 from ...io.files import atomic_write
+from ...io.rle import decode as decode_rle
 from ..files import atomic_write_text
-from .rle import decode_rle
 
 # 459-label ids of the 59 classes (PASCAL-Context labels.txt), sorted = alphabetical class order
 CONTEXT59_IDS = (

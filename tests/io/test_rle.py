@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vocabseg.serve import rle
+from vocabseg.io import rle
 
 
 def masks():
