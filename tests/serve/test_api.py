@@ -30,6 +30,7 @@ METHODS = ["sclip", "maskclip", "proxyclip"]
 @pytest.fixture(scope="module")
 def client(make_segmenter):
     app = create_app(make_segmenter, ServeConfig(default_method="sclip", max_classes=6), methods=METHODS)
+    app.state.engine.pool.get("sclip")  # loaded before the first request, as `vocabseg serve` does
     with TestClient(app) as client:
         yield client
 

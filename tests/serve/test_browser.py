@@ -104,15 +104,23 @@ def server(tiny_clip_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(server + "/", wait_until="load")  # not "networkidle": gradio keeps a heartbeat open
-        page.wait_for_selector("#vs-segment")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page per test, so that no test sees what another one selected or typed."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(server + "/", wait_until="load")  # not "networkidle": gradio keeps a heartbeat open
+    page.wait_for_selector("#vs-segment")
+    yield page
+    context.close()
 
 
 def uniform_pixels(labels: np.ndarray, radius: int = 3) -> dict[int, tuple[int, int]]:
