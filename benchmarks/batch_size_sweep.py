@@ -1,0 +1,99 @@
+"""Throughput against the number of windows per forward pass, all measured in one process.
+
+``segment_speed.py`` runs batched and batch-1 in separate processes (so that each has its own peak
+memory); on a shared CPU the run-to-run noise between processes is as large as the effect. Here one
+Segmenter segments the same images at every batch size in turn, ``--repeats`` rounds interleaved,
+and the table gives the best and the median images/s of each. Random ViT-B/16 weights.
+
+    python benchmarks/batch_size_sweep.py --methods sclip --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+from segment_speed import PROTOCOLS, machine, make_images
+
+CLASSES = "person, car, dog, cat, chair, sofa, tv monitor, table, bottle, plant"
+
+
+def sweep(method: str, protocol: str, args: argparse.Namespace) -> dict[int, list[float]]:
+    """images/s per batch size, one entry per round."""
+    import torch
+
+    from vocabseg import Segmenter
+
+    short, crop, stride = PROTOCOLS[protocol]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = Segmenter(
+            method=method,
+            model="ViT-B-16",
+            pretrained=None,
+            vfm_pretrained=None,
+            device=args.device,
+            text_cache_dir=None,
+            short_side=short,
+            crop=crop,
+            stride=stride,
+            pamr_steps=0,
+        )
+    images = make_images(args.images)
+    seg.segment(images[0], CLASSES)  # warm-up, and text encoding outside the timing
+    speeds: dict[int, list[float]] = {size: [] for size in args.batch_sizes}
+    for _ in range(args.repeats):
+        for size in args.batch_sizes:
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if size == 1:  # the official way: one image, one window at a time
+                for image in images:
+                    seg.segment(image, CLASSES, batch_size=1)
+            else:
+                seg.segment(images, CLASSES, batch_size=size)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            speeds[size].append(len(images) / (time.perf_counter() - start))
+    return speeds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["sclip"])
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
+    args = p.parse_args()
+
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    header = (
+        f"ViT-B/16 (random weights), {args.images} images of 500x375 / 375x500, 10 classes x 80 templates, "
+        f"PAMR off; {args.repeats} interleaved rounds in one process; batch 1 = one image and one window "
+        f"at a time.\nDevice: {args.device} — {device}; torch {torch.__version__}.\n"
+    )
+    rows = ["| method | protocol | windows per forward | best img/s | median img/s |", "|---|---|---|---|---|"]
+    print(header)
+    print("\n".join(rows), flush=True)
+    for protocol in args.protocols:
+        for method in args.methods:
+            for size, values in sweep(method, protocol, args).items():
+                row = f"| {method} | {protocol} | {size} | {max(values):.2f} | {statistics.median(values):.2f} |"
+                rows.append(row)
+                print(row, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# Windows per forward pass\n\n{header}\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
