@@ -13,36 +13,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from pathlib import Path
 
-from segment_speed import PROTOCOLS, machine, make_images
-
-CLASSES = "person, car, dog, cat, chair, sofa, tv monitor, table, bottle, plant"
+from segment_speed import CLASSES, PROTOCOLS, build_segmenter, machine, make_images, write_table
 
 
 def sweep(method: str, protocol: str, args: argparse.Namespace) -> dict[int, list[float]]:
     """images/s per batch size, one entry per round."""
     import torch
 
-    from vocabseg import Segmenter
-
-    short, crop, stride = PROTOCOLS[protocol]
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        seg = Segmenter(
-            method=method,
-            model="ViT-B-16",
-            pretrained=None,
-            vfm_pretrained=None,
-            device=args.device,
-            text_cache_dir=None,
-            short_side=short,
-            crop=crop,
-            stride=stride,
-            pamr_steps=0,
-        )
+    seg = build_segmenter(method, protocol, args.device)
     images = make_images(args.images)
     seg.segment(images[0], CLASSES)  # warm-up, and text encoding outside the timing
     speeds: dict[int, list[float]] = {size: [] for size in args.batch_sizes}
@@ -90,9 +71,7 @@ def main() -> None:
                 row = f"| {method} | {protocol} | {size} | {max(values):.2f} | {statistics.median(values):.2f} |"
                 rows.append(row)
                 print(row, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"# Windows per forward pass\n\n{header}\n" + "\n".join(rows) + "\n")
+    write_table(args.out, "Windows per forward pass", header, rows)
 
 
 if __name__ == "__main__":

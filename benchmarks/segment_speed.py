@@ -37,6 +37,7 @@ PEAK_MEANING = {
     "cpu": "the process's resident-memory high-water mark during the timed segmentation (weights included)",
     "cuda": "torch's peak allocated GPU memory during the timed segmentation (weights included)",
 }
+CLASSES = "person, car, dog, cat, chair, sofa, tv monitor, table, bottle, plant"
 METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"]
 
 
@@ -61,32 +62,44 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
+def build_segmenter(method: str, protocol: str, device: str, **settings):
+    """A ViT-B/16 Segmenter with random weights at ``protocol``; PAMR off (post-processing at full
+    resolution, timed apart from the dense forward)."""
     from vocabseg import Segmenter
 
-    short, crop, stride = PROTOCOLS[args.protocol]
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    torch.manual_seed(0)  # both processes must build the same random weights
+    short, crop, stride = PROTOCOLS[protocol]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        seg = Segmenter(
-            method=args.method,
+        return Segmenter(
+            method=method,
             model="ViT-B-16",
             pretrained=None,
             vfm_pretrained=None,
-            device=args.device,
+            device=device,
             text_cache_dir=None,
             short_side=short,
             crop=crop,
             stride=stride,
-            pamr_steps=0,  # PAMR is post-processing at full resolution: timed apart from the dense forward
-            batch_size=1 if args.mode == "batch1" else args.batch_size,
+            pamr_steps=0,
+            **settings,
         )
+
+
+def write_table(path: Path | None, title: str, header: str, rows: list[str]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {title}\n\n{header}\n" + "\n".join(rows) + "\n")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.manual_seed(0)  # both processes must build the same random weights
+    batch_size = 1 if args.mode == "batch1" else args.batch_size
+    seg = build_segmenter(args.method, args.protocol, args.device, batch_size=batch_size)
     images = make_images(args.images)
-    classes = "person, car, dog, cat, chair, sofa, tv monitor, table, bottle, plant"
-    seg.segment(images[0], classes)  # warm-up, and text encoding outside the timing
+    seg.segment(images[0], CLASSES)  # warm-up, and text encoding outside the timing
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -94,9 +107,9 @@ def worker(args: argparse.Namespace) -> None:
         reset_peak_rss()
     start = time.perf_counter()
     if args.mode == "batch1":
-        results = [seg.segment(img, classes) for img in images]
+        results = [seg.segment(img, CLASSES) for img in images]
     else:
-        results = seg.segment(images, classes)
+        results = seg.segment(images, CLASSES)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -175,9 +188,7 @@ def main() -> None:
                 )
                 rows.append(row)
                 print(row, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"# Segmentation speed\n\n{header}\n" + "\n".join(rows) + "\n")
+    write_table(args.out, "Segmentation speed", header, rows)
 
 
 if __name__ == "__main__":
