@@ -15,7 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from segment_speed import CLASSES, PROTOCOLS, build_segmenter, machine, make_images, write_table
+from common import describe_device
+from segment_speed import CLASSES, PROTOCOLS, build_segmenter, make_images, write_table
 
 
 def sweep(method: str, protocol: str, args: argparse.Namespace) -> dict[int, list[float]]:
@@ -56,7 +57,7 @@ def main() -> None:
 
     import torch
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    device = describe_device(args.device)
     header = (
         f"ViT-B/16 (random weights), {args.images} images of 500x375 / 375x500, 10 classes x 80 templates, "
         f"PAMR off; {args.repeats} interleaved rounds in one process; batch 1 = one image and one window "

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from common import describe_device
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,18 +33,6 @@ BENCHMARKS = {  # name -> (images, (H, W))
     "coco_stuff": (4, (480, 640)),
     "cityscapes": (2, (1024, 2048)),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _key(array) -> str:
@@ -128,7 +117,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    device = describe_device(args.device)
     header = (
         "Paper protocol per method and benchmark, ViT-B/16 random weights, fp32, one image per call, text "
         "encoded before timing (template set `name`). `eval` = `vocabseg.eval.evaluate` end to end (read image "

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -28,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from common import describe_device
 
 PROTOCOLS = {  # name -> (short side, crop, stride)
     "336 / 224 s112": (336, 224, 112),
@@ -129,18 +129,6 @@ def run_worker(method: str, protocol: str, mode: str, args: argparse.Namespace, 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=METHODS)
@@ -163,7 +151,7 @@ def main() -> None:
 
     import torch
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    device = describe_device(args.device)
     header = (
         f"ViT-B/16 (random weights), {args.images} images of 500x375 / 375x500, 10 classes x 80 templates "
         f"(text encoded before timing), PAMR off, batched = {args.batch_size} windows per forward.\n"

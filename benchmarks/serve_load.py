@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from common import describe_device
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[1] / "src" / "vocabseg" / "serve" / "examples" / "street.jpg"
 
@@ -160,7 +160,7 @@ def main() -> int:
         warm = httpx.post(url, files={"image": ("image.jpg", image)}, data={"classes": args.classes}, timeout=600)
         if warm.status_code != 200:
             raise SystemExit(f"warm-up request failed: {warm.status_code} {warm.text}")
-        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; server: {' '.join(model_args)}")
+        print(f"# {describe_device()}; server: {' '.join(model_args)}")
         print(
             "| config | clients | workers/queue | req/s | p50 s | p95 s | ok | 503 | errors "
             "| server CPU (cores) | other processes' CPU (cores) | server peak RSS MiB |"
