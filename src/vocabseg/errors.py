@@ -37,3 +37,11 @@ class UnknownNameError(VocabsegError, KeyError):
 
 class DatasetLayoutError(VocabsegError, ValueError):
     """A dataset folder that is missing, incomplete or not in the expected on-disk layout."""
+
+
+class MethodOptionError(VocabsegError, ValueError):
+    """An option a method does not take, or a combination of options that cannot work."""
+
+
+class CheckpointError(VocabsegError, RuntimeError):
+    """A trained checkpoint that is missing, incomplete, corrupt or for another model."""

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError, MethodOptionError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
 from .inference.postprocess import class_probabilities, decide_labels
-from .inference.sliding import centered_padding, rescaled_size, resize_image, sliding_window_logits
-from .inference.surgery import surgery_logits
+from .inference.sliding import rescaled_size, resize_image, sliding_window_logits
 from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .methods import create_method, get_method_spec
+from .methods.base import SegmentationMethod
+from .methods.registry import MethodSpec
+from .methods.weights import read_trained_weights
 from .models.clip import LoadedCLIP, clip_normalization, default_tokenizer, load_clip
 from .result import SegmentationResult
 from .text.encoder import TextEncoder, default_cache_dir
-from .text.templates import DEFAULT_TEMPLATES, resolve_templates
-from .text.vocabulary import Vocabulary
+from .text.templates import resolve_templates
+from .text.vocabulary import Vocabulary, parse_background
 
 ClassesLike = str | Sequence[str | Sequence[str]] | Vocabulary
 
@@ -50,24 +54,52 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     return dtype
 
 
+#: ``model`` / ``pretrained`` not given: ViT-B-16 / openai, or a trained checkpoint's base CLIP.
+DEFAULT = "default"
+#: ``weights`` not given: fine for training-free methods, an error for trained ones.
+REQUIRED = "required"
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
+
+
+@dataclass
+class SegmentOutcome:
+    """One image of :meth:`Segmenter.segment_many`: its result, or the error that stopped it."""
+
+    index: int
+    source: ImageSource
+    result: SegmentationResult | None = None
+    error: VocabsegError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 class Segmenter:
-    """Open-vocabulary semantic segmentation with a frozen CLIP.
+    """Open-vocabulary semantic segmentation with CLIP (training-free or trained methods).
 
     Args:
-        method: a registered method (``vocabseg.methods.list_methods()``).
+        method: a registered method (``vocabseg.methods.list_methods()``), or a method module built
+            by :func:`~vocabseg.methods.create_method` (then ``model`` must be its CLIP model object).
         model: an open_clip architecture, ``hf-hub:``/``local-dir:`` id, or an open_clip CLIP model
-            object (any weights).
+            object (any weights). Default: ``ViT-B-16``, or the base CLIP a trained checkpoint names.
         pretrained: pretrained tag or checkpoint file for a named model; ``None`` = random weights.
+            Default: ``openai``, or the trained checkpoint's.
+        weights: a trained method's weights: a checkpoint folder written by ``vocabseg train``, its
+            ``model.safetensors``, or ``hf-hub:ORG/REPO``; ``None`` = a randomly initialised head
+            (with a warning: for tests and trials). Training-free methods take none.
         vfm, vfm_pretrained: the proxy VFM (ProxyCLIP): a name or a module, and its weights
             (``"default"`` hub weights, a file, or ``None`` for random).
         device, dtype: where and in which precision the model runs (fp16/bf16 only on a GPU).
-        templates: a template-set name (``openai80``, ``beyond_labels12``...) or a list of strings.
+        templates: a template-set name (``openai80``, ``beyond_labels12``...) or a list of strings;
+            default: the set the method was published with.
         text_cache_dir: where text embeddings are cached: ``"default"`` (``$VOCABSEG_CACHE`` or
             ``~/.cache/vocabseg``), a folder, or ``None`` to disable the cache.
         tokenizer: for model objects whose tokenizer is not CLIP's BPE.
-        surgery: apply the CLIP-Surgery feature adjustment to the logits.
+        surgery: apply the CLIP-Surgery feature adjustment to the logits (training-free methods).
         max_pixels: refuse larger images.
-        method_kwargs: extra method options (``gamma``, ``beta``, ``gaussian_std``...).
+        method_kwargs: extra method options (``gamma``, ``beta``, ``gaussian_std``...; see
+            ``get_method_spec(name).options``).
         **settings: overrides of the method's :class:`InferenceConfig` defaults (``short_side``,
             ``crop``, ``stride``, ``logit_scale``, ``prob_threshold``, ``pamr_steps``...).
 
@@ -79,10 +111,11 @@ class Segmenter:
 
     def __init__(
         self,
-        method: str = "proxyclip",
-        model: str | nn.Module = "ViT-B-16",
-        pretrained: str | None = "openai",
+        method: str | SegmentationMethod = "proxyclip",
+        model: str | nn.Module = DEFAULT,
+        pretrained: str | None = DEFAULT,
         *,
+        weights: str | os.PathLike | None = REQUIRED,
         vfm: str | nn.Module | Callable | None = None,
         vfm_pretrained: str | None = "default",
         device: str | torch.device = "cpu",
@@ -95,29 +128,87 @@ class Segmenter:
         method_kwargs: dict[str, Any] | None = None,
         **settings: Any,
     ):
-        self.spec = get_method_spec(method)
+        built = method if isinstance(method, nn.Module) else None
+        self.spec: MethodSpec = get_method_spec(built.method_name if built is not None else method)
         self.config = self.spec.defaults.updated(**settings)
         self.device = torch.device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
+        if surgery and self.spec.trainable:
+            raise MethodOptionError(f"surgery=True applies to training-free methods, not to {self.spec.name!r}.")
         self.surgery = surgery
         self.max_pixels = max_pixels
-        self.templates = resolve_templates(templates)
-        self.template_name = (templates or DEFAULT_TEMPLATES) if isinstance(templates, (str, type(None))) else "custom"
+        self.templates = resolve_templates(templates or self.spec.templates)
+        self.template_name = (
+            (templates or self.spec.templates) if not isinstance(templates, (list, tuple)) else "custom"
+        )
+        trained = self._read_weights(weights)
+        self.weights_source = trained.source if trained is not None else None
 
-        self.clip = self._load_clip(model, pretrained, tokenizer)
-        kwargs = dict(method_kwargs or {})
-        if "vfm" in inspect.signature(self.spec.cls.__init__).parameters:
+        kwargs = {**(trained.options if trained is not None else {}), **(method_kwargs or {})}
+        if self.spec.uses_vfm:
             kwargs.setdefault("vfm_pretrained", vfm_pretrained)
             if vfm is not None:
                 kwargs["vfm"] = vfm
         elif vfm is not None:
-            raise ValueError(f"Method {method!r} does not use a VFM; drop vfm=... (only proxyclip does).")
-        self.method = create_method(method, self.clip.model, **kwargs).to(self.device, self.dtype).eval()
+            raise MethodOptionError(
+                f"Method {self.spec.name!r} does not use a VFM; drop vfm=... (only proxyclip does)."
+            )
+        if built is not None:
+            if not isinstance(model, nn.Module):
+                raise MethodOptionError(
+                    "A method module must come with its CLIP model object: Segmenter(method=m, model=clip)."
+                )
+            self.clip = self._load_clip(model, None, tokenizer)
+            self.method = built.to(self.device, self.dtype).eval()
+        else:
+            base = trained.clip if trained is not None else {}
+            stores_clip = bool(trained is not None and trained.config.get("stores_clip"))
+            model = base.get("model") or DEFAULT_MODEL if model == DEFAULT else model
+            if pretrained == DEFAULT:
+                pretrained = base.get("pretrained") if trained is not None else DEFAULT_PRETRAINED
+            with warnings.catch_warnings():
+                if stores_clip:  # every CLIP weight comes from the checkpoint: no "random weights" warning
+                    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+                self.clip = self._load_clip(model, pretrained, tokenizer)
+            self.method = create_method(self.spec.name, self.clip.model, **kwargs)
+            if self.spec.trainable:
+                self.method.clip_identity = {"model": self.clip.name.split("/")[0], "pretrained": pretrained}
+                self.method.store_clip = stores_clip or pretrained is None or isinstance(model, nn.Module)
+                if trained is not None:
+                    self.method.load_checkpoint_state(trained.state)
+            self.method = self.method.to(self.device, self.dtype).eval()
         cache = default_cache_dir() if text_cache_dir == "default" else text_cache_dir
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, cache)
         mean, std = self.clip.mean, self.clip.std
         self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(3, 1, 1)
+
+    def _read_weights(self, weights: str | os.PathLike | None):
+        spec = self.spec
+        if not spec.trainable:
+            if weights not in (REQUIRED, None):
+                raise MethodOptionError(f"Method {spec.name!r} is training-free and takes no weights=...; drop it.")
+            return None
+        if weights == REQUIRED:
+            raise MethodOptionError(
+                f"Method {spec.name!r} is a trained method: pass its weights (weights=PATH or --weights PATH: a "
+                f"checkpoint folder written by `vocabseg train`, its model.safetensors, or hf-hub:ORG/REPO). "
+                f"Where they come from: {spec.weights or 'train them with vocabseg train'}. "
+                "For a trial without weights pass weights=None (--weights none): a random head."
+            )
+        if weights is None:
+            warnings.warn(
+                f"{spec.name}: weights=None, the trained head has RANDOM weights; segmentations will be meaningless.",
+                stacklevel=3,
+            )
+            return None
+        trained = read_trained_weights(weights)
+        if trained.method != spec.name:
+            raise CheckpointError(
+                f"The weights at {weights} are for method {trained.method!r}, not {spec.name!r}; "
+                f"use --method {trained.method}."
+            )
+        return trained
 
     def _load_clip(self, model: str | nn.Module, pretrained: str | None, tokenizer: Any) -> LoadedCLIP:
         if isinstance(model, nn.Module):
@@ -141,7 +232,7 @@ class Segmenter:
             if isinstance(classes, Vocabulary)
             else (Vocabulary.parse(classes) if isinstance(classes, str) else Vocabulary.from_list(classes))
         )
-        names = [n.strip() for n in background.split(";")] if isinstance(background, str) else background
+        names = parse_background(background)
         if names:
             vocab = vocab.with_background(names)
         elif prob_threshold > 0 and vocab.background_index is None:
@@ -172,11 +263,63 @@ class Segmenter:
         """
         single = not isinstance(images, (list, tuple))
         sources = [images] if single else list(images)
-        arrays = [load_image(s, self.max_pixels) for s in sources]
+        results = [
+            o.result
+            for o in self.segment_many(
+                sources, classes, background=background, images_per_batch=len(sources), progress=progress, **overrides
+            )
+        ]
+        return results[0] if single else results
+
+    def segment_many(
+        self,
+        images: Iterable[ImageSource],
+        classes: ClassesLike,
+        *,
+        background: str | Sequence[str] | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+        images_per_batch: int = 4,
+        progress: Callable[[int], None] | None = None,
+        max_pixels: int | None | str = DEFAULT,
+        **overrides: Any,
+    ) -> Iterator[SegmentOutcome]:
+        """Segment a stream of images, ``images_per_batch`` at a time, yielding one outcome per image
+        in input order. The one implementation behind ``segment``, the command line and the server.
+
+        With ``on_error="skip"`` an image that cannot be read (not an image, truncated, too large)
+        yields an outcome with its error and the others go on; with ``"raise"`` the error is raised.
+        The classes and settings are checked before any image is read. ``max_pixels`` overrides
+        the Segmenter's limit for these images (a server applies its own).
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if images_per_batch < 1:
+            raise ValueError(f"images_per_batch must be at least 1, got {images_per_batch}")
         config = self.settings(**overrides)
         vocab = self.vocabulary(classes, background, config.prob_threshold)
-        results = self.predict_arrays(arrays, vocab, config, progress=progress)
-        return results[0] if single else results
+        limit = self.max_pixels if max_pixels == DEFAULT else max_pixels
+        pending: list[tuple[int, ImageSource, np.ndarray]] = []
+        for index, source in enumerate(images):
+            try:
+                pending.append((index, source, load_image(source, limit)))
+            except VocabsegError as exc:
+                if on_error == "raise":
+                    raise
+                yield from self._flush(pending, vocab, config, progress)
+                pending = []
+                yield SegmentOutcome(index, source, error=exc)
+                continue
+            if len(pending) == images_per_batch:
+                yield from self._flush(pending, vocab, config, progress)
+                pending = []
+        yield from self._flush(pending, vocab, config, progress)
+
+    def _flush(self, pending, vocab, config, progress) -> Iterator[SegmentOutcome]:
+        if not pending:
+            return
+        results = self.predict_arrays([a for _, _, a in pending], vocab, config, progress=progress)
+        for (index, source, _), result in zip(pending, results):
+            yield SegmentOutcome(index, source, result=result)
 
     @torch.inference_mode()
     def predict_arrays(
@@ -187,13 +330,19 @@ class Segmenter:
         progress: Callable[[int], None] | None = None,
     ) -> list[SegmentationResult]:
         """Segment decoded (H, W, 3) uint8 images with an explicit vocabulary and settings."""
-        text = self.text_encoder.encode(vocab.prompt_names)
+        if config.score == "sigmoid":  # independent per-class scores: the background is the threshold
+            vocab = vocab.without_background_names()
+        text = self.text_encoder.encode(vocab.prompt_names, per_template=self.spec.text_input == "per_template")
         inputs = [self._normalize(a) for a in arrays]
         resized = [
             resize_image(x, rescaled_size(*x.shape[-2:], config.short_side, config.max_long_side)) for x in inputs
         ]
-        window_fn = self._window_logits_fn(text, config.pad_multiple)
-        logits = sliding_window_logits(resized, window_fn, config.crop, config.stride, config.batch_size, progress)
+        method, dtype, surgery, pad = self.method, self.dtype, self.surgery, config.pad_multiple
+
+        def window_logits(windows: torch.Tensor) -> torch.Tensor:
+            return method.logits(windows.to(dtype), text, pad_multiple=pad, surgery=surgery)
+
+        logits = sliding_window_logits(resized, window_logits, config.crop, config.stride, config.batch_size, progress)
         pamr = PAMR(config.pamr_steps, config.pamr_dilations)
         results = []
         for array, small, image_logits in zip(arrays, resized, logits):
@@ -201,7 +350,7 @@ class Segmenter:
             full = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)
             if config.pamr_steps > 0:
                 full = pamr(resize_image(small[None].float(), size), full)
-            probs = class_probabilities(full[0], config.logit_scale, vocab.name_to_class, len(vocab))
+            probs = class_probabilities(full[0], config.logit_scale, vocab.name_to_class, len(vocab), config.score)
             labels = decide_labels(probs, vocab.background_index, config.prob_threshold, config.area_threshold)
             results.append(
                 SegmentationResult(
@@ -218,13 +367,16 @@ class Segmenter:
 
     def describe(self, config: InferenceConfig | None = None) -> dict[str, Any]:
         """Everything that determined a result, for reports and ``result.json``."""
-        return {
+        info = {
             "method": self.spec.name,
             "model": self.clip.name,
             "surgery": self.surgery,
             "templates": self.template_name,
             "settings": (config or self.config).to_dict(),
         }
+        if self.spec.trainable:
+            info["weights"] = self.weights_source or "random (weights=None)"
+        return info
 
     # -- internals -------------------------------------------------------------------------------------
     def _normalize(self, array: np.ndarray) -> torch.Tensor:
@@ -233,23 +385,3 @@ class Segmenter:
             / 255.0
         )
         return (x - self._mean) / self._std
-
-    def _window_logits_fn(self, text: torch.Tensor, pad_multiple: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Windows (b, 3, h, w) -> cosine (or surgery) logits (b, K, h, w) at window resolution."""
-
-        def window_logits(windows: torch.Tensor) -> torch.Tensor:
-            h, w = windows.shape[-2:]
-            left, right, top, bottom = centered_padding(h, w, pad_multiple)
-            padded = F.pad(windows, (left, right, top, bottom)) if (left or right or top or bottom) else windows
-            if self.surgery:
-                dense, global_emb = self.method(padded.to(self.dtype), return_global=True)
-            else:
-                dense, global_emb = self.method(padded.to(self.dtype)), None
-            feats = F.normalize(dense.float(), dim=1)
-            cos = torch.einsum("bchw,kc->bkhw", feats, text)
-            if global_emb is not None:
-                cos = surgery_logits(cos, F.normalize(global_emb.float(), dim=-1), text)
-            cos = F.interpolate(cos, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-            return cos[:, :, top : top + h, left : left + w]
-
-        return window_logits

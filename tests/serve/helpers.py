@@ -29,7 +29,8 @@ def make_image(seed: int, height: int = 50, width: int = 70) -> np.ndarray:
 
 
 class Gate:
-    """A segmenter that blocks inside ``segment`` until released, to fill the queue deterministically."""
+    """A segmenter that blocks inside ``segment_many`` (what the server calls) until released, to fill
+    the queue deterministically."""
 
     def __init__(self, segmenter: Segmenter):
         self._segmenter = segmenter
@@ -39,7 +40,7 @@ class Gate:
     def __getattr__(self, name: str):
         return getattr(self._segmenter, name)
 
-    def segment(self, *args, **kwargs):
+    def segment_many(self, *args, **kwargs):
         self.entered.set()
         assert self.release.wait(60), "test gate never released"
-        return self._segmenter.segment(*args, **kwargs)
+        return self._segmenter.segment_many(*args, **kwargs)

@@ -6,9 +6,12 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from ..inference.config import InferenceConfig
+from ..inference.config import SCORES, InferenceConfig
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
+
+# the Segmenter's "not given" markers, spelled here so `--help` works without importing torch models
+DEFAULT, REQUIRED = "default", "required"
 from ..text.templates import TEMPLATE_SETS
 
 
@@ -22,7 +25,8 @@ _SETTING_HELP = {
     "max_long_side": "cap on the resized long side",
     "crop": "sliding-window size in pixels (0: whole image in one pass)",
     "stride": "sliding-window stride in pixels",
-    "logit_scale": "softmax temperature applied to cosine similarities",
+    "logit_scale": "temperature applied to the logits (cosine similarities) before scoring",
+    "score": "how logits become probabilities: softmax over names, or sigmoid per name",
     "prob_threshold": "pixels below this class probability become 'background'",
     "area_threshold": "drop foreground classes covering less than this fraction of the foreground",
     "pamr_steps": "PAMR refinement iterations (0: off)",
@@ -34,12 +38,24 @@ _SETTING_HELP = {
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--method", default="proxyclip", choices=list_methods(), help="method (default: proxyclip)")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture, hf-hub:ID or local-dir:PATH")
+    g.add_argument(
+        "--model",
+        default=DEFAULT,
+        help="open_clip architecture, hf-hub:ID or local-dir:PATH (default: ViT-B-16, or a trained checkpoint's)",
+    )
     g.add_argument(
         "--pretrained",
         type=none_or_str,
-        default="openai",
-        help="pretrained tag (openai, laion2b_s34b_b88k, ...), a checkpoint file, or 'none' for random weights",
+        default=DEFAULT,
+        help="pretrained tag (openai, laion2b_s34b_b88k, ...), a checkpoint file, or 'none' for random weights "
+        "(default: openai, or a trained checkpoint's)",
+    )
+    g.add_argument(
+        "--weights",
+        type=none_or_str,
+        default=REQUIRED,
+        help="trained methods: a checkpoint folder from `vocabseg train`, its model.safetensors, hf-hub:ORG/REPO, "
+        "or 'none' for a random head",
     )
     g.add_argument("--vfm", default=None, help="proxy VFM for proxyclip (dino_vitb8, dinov2_vitb14, sam_vitb, ...)")
     g.add_argument(
@@ -66,6 +82,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "pamr_dilations":
             s.add_argument(flag, type=int, nargs="+", default=None, help="PAMR dilations")
             continue
+        if f.name == "score":
+            s.add_argument(flag, choices=SCORES, default=None, help=_SETTING_HELP[f.name])
+            continue
         kind = float if f.type in ("float", float) else int
         s.add_argument(flag, type=kind, default=None, help=_SETTING_HELP.get(f.name, f.name))
 
@@ -81,6 +100,7 @@ def segmenter_from_args(args: argparse.Namespace):
         method=args.method,
         model=args.model,
         pretrained=args.pretrained,
+        weights=args.weights,
         vfm=args.vfm,
         vfm_pretrained=args.vfm_pretrained,
         device=args.device,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import inspect
-
-from ..methods import get_method_spec, list_methods
+from ..methods import MethodSpec, get_method_spec, list_methods
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,9 +11,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _method_options(cls: type) -> str:
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # skip self, clip
-    return ", ".join(f"{p.name}={p.default!r}" for p in params) or "-"
+def _method_options(spec: MethodSpec) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "-"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{d.logit_scale:g}",
                 pamr,
                 str(d.pad_multiple or "-"),
-                _method_options(spec.cls),
+                _method_options(spec),
             )
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import VocabsegError
-from ..io.images import load_image
 from ..text.vocabulary import Vocabulary
 from .common import add_model_options, segmenter_from_args
 
@@ -52,27 +50,21 @@ def _output_dirs(images: list[Path], out: Path) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     vocab = Vocabulary.from_file(args.classes_file) if args.classes_file else Vocabulary.parse(args.classes)
     seg = segmenter_from_args(args)
-    config = seg.settings()
-    vocab = seg.vocabulary(vocab, args.background, config.prob_threshold)
-    failures: list[str] = []
     jobs = list(zip(args.images, _output_dirs(args.images, args.out)))
+    failures: list[str] = []
     with tqdm(total=len(jobs), unit="img", desc="segment", file=sys.stderr) as bar:
-        for start in range(0, len(jobs), max(args.images_per_batch, 1)):
-            chunk, loaded = jobs[start : start + args.images_per_batch], []
-            for path, out_dir in chunk:
-                try:
-                    loaded.append((path, out_dir, load_image(path, args.max_pixels)))
-                except VocabsegError as exc:  # one bad file does not stop the others
-                    failures.append(str(exc))
-                    bar.write(f"skipped: {exc}")
-                    bar.update(1)
-            if not loaded:
-                continue
-            results = seg.predict_arrays([a for _, _, a in loaded], vocab, config)
-            for (path, out_dir, _), result in zip(loaded, results):
-                result.info["image"] = str(path)
-                result.save(out_dir)
-                bar.update(1)
+        outcomes = seg.segment_many(
+            args.images, vocab, background=args.background, on_error="skip", images_per_batch=args.images_per_batch
+        )
+        for outcome in outcomes:
+            path, out_dir = jobs[outcome.index]
+            if outcome.ok:
+                outcome.result.info["image"] = str(path)
+                outcome.result.save(out_dir)
+            else:  # one bad file does not stop the others
+                failures.append(str(outcome.error))
+                bar.write(f"skipped: {outcome.error}")
+            bar.update(1)
     done = len(jobs) - len(failures)
     print(f"{done} of {len(jobs)} image(s) segmented into {args.out}/", file=sys.stderr)
     if failures:

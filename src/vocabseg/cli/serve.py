@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..methods import get_method_spec, list_methods
-from .common import add_model_options, segmenter_from_args
+from .common import REQUIRED, add_model_options, segmenter_from_args
 
 if TYPE_CHECKING:
     from ..segmenter import Segmenter
@@ -41,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=list_methods(),
         default=None,
-        help="methods offered by the page and the API (default: all; --method is always included)",
+        help="methods offered by the page and the API (default: every training-free one; --method is always "
+        "included, so serve a trained method with --method NAME --weights PATH)",
     )
     s.add_argument(
         "--examples", type=Path, default=None, help="folder of example images (+ examples.json); its files are served"
@@ -54,9 +54,12 @@ def segmenter_factory(args: argparse.Namespace) -> Callable[[str], Segmenter]:
     """Builds the Segmenter of any method with the command's model flags (the VFM only where used)."""
 
     def create(method: str) -> Segmenter:
-        uses_vfm = "vfm" in inspect.signature(get_method_spec(method).cls.__init__).parameters
-        vfm = args.vfm if uses_vfm else None
-        return segmenter_from_args(argparse.Namespace(**{**vars(args), "method": method, "vfm": vfm}))
+        spec = get_method_spec(method)
+        vfm = args.vfm if spec.uses_vfm else None
+        weights = args.weights if spec.trainable else REQUIRED  # --weights belongs to the trained --method
+        return segmenter_from_args(
+            argparse.Namespace(**{**vars(args), "method": method, "vfm": vfm, "weights": weights})
+        )
 
     return create
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vocabseg serve: {exc}", file=sys.stderr)
         return 2
-    methods = list(dict.fromkeys([args.method, *(args.methods or list_methods())]))
+    methods = list(dict.fromkeys([args.method, *(args.methods or list_methods(trainable=False))]))
     app = create_app(segmenter_factory(args), config, methods=methods)
     print(f"vocabseg serve: loading {args.method} ({args.model}) ...", file=sys.stderr)
     app.state.engine.pool.get(args.method)  # fail now, not on the first request, if the model cannot load

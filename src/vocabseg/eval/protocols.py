@@ -1,8 +1,8 @@
 """Evaluation protocols: which inference settings a method runs with on a benchmark.
 
 * ``paper``: each method's published per-dataset settings, as committed in its official
-  ``configs/cfg_<dataset>.py`` (training_free.md §2, "Per-dataset protocol settings"). The base is the
-  method's registered defaults; the table below holds only what a paper changes per benchmark.
+  ``configs/cfg_<dataset>.py``, registered with the method (``MethodSpec.paper``). The base is the
+  method's registered defaults; the spec holds only what a paper changes per benchmark.
 * ``unified``: one shared protocol for like-for-like comparison: short side 336 (Cityscapes 560,
   as most of the lineage), 224 windows with stride 112, logit scale 40, no PAMR, no area threshold,
   and on datasets with a background class a probability threshold of 0.1 (the most common value:
@@ -16,52 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._names import lookup
 from ..data.registry import STANDARD_BENCHMARKS
 from ..inference.config import InferenceConfig
 from ..methods import get_method_spec
-
-
-class PaperProtocol(NamedTuple):
-    source: str  # where the settings are committed
-    settings: dict[str, dict[str, Any]]  # benchmark -> settings that differ from the method's defaults
-
-
-PAPER: dict[str, PaperProtocol] = {
-    "sclip": PaperProtocol("wangf3014/SCLIP configs/cfg_*.py", {
-        "voc21": {"logit_scale": 65.0, "prob_threshold": 0.1, "area_threshold": 0.1},
-        "context60": {"logit_scale": 50.0, "prob_threshold": 0.1},
-        "coco_object": {"logit_scale": 50.0, "prob_threshold": 0.1},
-        "coco_stuff": {"short_side": 448},
-        "cityscapes": {"short_side": 560},
-    }),
-    "clearclip": PaperProtocol("mc-lan/ClearCLIP configs/cfg_*.py", {
-        "voc21": {"prob_threshold": 0.5},
-        "context60": {"prob_threshold": 0.15},
-        "coco_object": {"prob_threshold": 0.4},
-        "cityscapes": {"crop": 224},
-    }),
-    "naclip": PaperProtocol("sinahmr/NACLIP configs/cfg_*.py (PAMR on)", {
-        "voc21": {"crop": 0, "prob_threshold": 0.1},
-        "voc20": {"crop": 0},
-        "context60": {"prob_threshold": 0.1},
-        "coco_object": {"prob_threshold": 0.1},
-        "cityscapes": {"short_side": 560},
-    }),
-    "proxyclip": PaperProtocol("mc-lan/ProxyCLIP configs/cfg_*.py", {
-        "voc21": {"prob_threshold": 0.2},
-        "context60": {"prob_threshold": 0.15},
-        "coco_object": {"prob_threshold": 0.25},
-        "cityscapes": {"short_side": 448, "crop": 224, "stride": 112},
-        "ade150": {"short_side": 448},
-        "ade847": {"short_side": 448},
-        "context459": {"short_side": 448},
-    }),
-    # whole image, 512 short side, no background handling: the method's registered defaults
-    "maskclip": PaperProtocol("chongzhou96/MaskCLIP configs/maskclip/*.py", {}),
-}  # fmt: skip
 
 UNIFIED_BASE: dict[str, Any] = {
     "short_side": 336,
@@ -95,9 +55,9 @@ class ResolvedProtocol:
 
 
 def _paper(method: str, benchmark: str, has_background: bool) -> tuple[dict[str, Any], str]:
-    if method not in PAPER:
+    paper = get_method_spec(method).paper
+    if paper is None:
         return {}, f"{method} has no published per-benchmark protocol: the method's defaults"
-    paper = PAPER[method]
     settings = paper.settings.get(benchmark, {})
     if not settings and benchmark not in STANDARD_BENCHMARKS:
         return {}, f"{paper.source}; no published setting for {benchmark}: the method's defaults"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -26,6 +25,7 @@ from .. import __version__
 from ..data.dataset import SegDataset
 from ..data.files import atomic_write_text
 from ..inference.config import InferenceConfig
+from ..models.fingerprint import weights_fingerprint
 
 if TYPE_CHECKING:
     from ..segmenter import Segmenter
@@ -33,32 +33,14 @@ if TYPE_CHECKING:
 RECORD_FORMAT = 1
 
 
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def model_fingerprint(segmenter: Segmenter) -> str:
     """A hash of the exact bytes of every parameter and buffer of the CLIP model and the method
-    (the VFM included), so two checkpoints of one architecture never share results.
-
-    Hashing ViT-B/16 takes about a second on a CPU, so it is done once per method module: weights
-    changed in place after a Segmenter's first evaluation are not noticed (build a new Segmenter).
-    """
-    cached = _FINGERPRINTS.get(segmenter.method)
-    if cached is not None:
-        return cached
-    h = hashlib.blake2b(digest_size=16)
-    seen: set[str] = set()
-    for prefix, module in (("clip.", segmenter.clip.model), ("method.", segmenter.method)):
-        state = module.state_dict(keep_vars=False)
-        for name in sorted(state):
-            tensor = state[name]
-            if not isinstance(tensor, torch.Tensor) or prefix + name in seen:
-                continue
-            seen.add(prefix + name)
-            h.update(f"{prefix}{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    _FINGERPRINTS[segmenter.method] = h.hexdigest()
-    return _FINGERPRINTS[segmenter.method]
+    (the VFM and a trained head included), so two checkpoints of one architecture never share
+    results. Recomputed whenever weights change in place (fine-tuning, a checkpoint load)."""
+    clip = weights_fingerprint(segmenter.clip.model)
+    # the method wraps CLIP's visual tower (already hashed above); hash only what it adds
+    own = weights_fingerprint(segmenter.method, keep=lambda name: not name.startswith("tower.visual."), tag="own")
+    return f"{clip}-{own}"
 
 
 def run_identity(segmenter: Segmenter, dataset: SegDataset, config: InferenceConfig) -> dict[str, Any]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+#: the ways logits become probabilities (see :func:`vocabseg.inference.postprocess.class_probabilities`)
+SCORES = ("softmax", "sigmoid")
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
@@ -21,7 +24,10 @@ class InferenceConfig:
         max_long_side: upper bound on the resized long side.
         crop: sliding-window size in pixels; 0 runs the whole image in one forward pass.
         stride: sliding-window stride in pixels.
-        logit_scale: temperature applied to cosine similarities before the softmax over names.
+        logit_scale: temperature applied to the method's logits (cosine similarities) before scoring.
+        score: how scaled logits become probabilities: ``softmax`` over all names jointly (the
+            SCLIP lineage) or ``sigmoid`` per name, independent binary scores (Beyond-Labels; with
+            ``prob_threshold`` 0.5 this is its "argmax over [background = 0.5, sigmoid]" rule).
         prob_threshold: pixels whose best class probability is below this go to the background
             class (0 disables; only meaningful when the vocabulary has a background class).
         area_threshold: foreground classes covering less than this fraction of the foreground are
@@ -37,6 +43,7 @@ class InferenceConfig:
     crop: int = 224
     stride: int = 112
     logit_scale: float = 40.0
+    score: str = "softmax"
     prob_threshold: float = 0.0
     area_threshold: float = 0.0
     pamr_steps: int = 0
@@ -51,6 +58,7 @@ class InferenceConfig:
             "crop": self.crop >= 0,
             "stride": self.stride > 0,
             "logit_scale": self.logit_scale > 0,
+            "score": self.score in SCORES,
             "prob_threshold": 0.0 <= self.prob_threshold <= 1.0,
             "area_threshold": 0.0 <= self.area_threshold <= 1.0,
             "pamr_steps": self.pamr_steps >= 0,

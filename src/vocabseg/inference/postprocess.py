@@ -1,6 +1,7 @@
 """From per-name logits to class probabilities and labels (SCLIP ``postprocess_result``).
 
-1. p = softmax(logit_scale · cos) over all names jointly;
+1. p = softmax(logit_scale · cos) over all names jointly (or, with ``score="sigmoid"``, an independent
+   sigmoid(logit_scale · logit) per name: Beyond-Labels' binary per-class scores);
 2. synonyms merged per class by the max of their probabilities;
 3. optional area threshold: a foreground class covering less than ``area_threshold`` of the
    predicted foreground has its probabilities zeroed;
@@ -13,15 +14,17 @@ from collections.abc import Sequence
 
 import torch
 
+_SCORE_FUNCTIONS = {"softmax": lambda x: x.softmax(dim=0), "sigmoid": torch.sigmoid}
+
 
 def class_probabilities(
-    logits: torch.Tensor, logit_scale: float, name_to_class: Sequence[int], num_classes: int
+    logits: torch.Tensor, logit_scale: float, name_to_class: Sequence[int], num_classes: int, score: str = "softmax"
 ) -> torch.Tensor:
-    """(K_names, H, W) cosine logits -> (C, H, W) max-merged class probabilities.
+    """(K_names, H, W) logits -> (C, H, W) max-merged class probabilities.
 
     A class with no names (a threshold-only background) gets probability 0 everywhere.
     """
-    probs = (logit_scale * logits).softmax(dim=0)
+    probs = _SCORE_FUNCTIONS[score](logit_scale * logits)
     index = torch.as_tensor(name_to_class, device=logits.device).view(-1, 1, 1).expand_as(probs)
     merged = probs.new_zeros((num_classes, *probs.shape[1:]))
     return merged.scatter_reduce(0, index, probs, reduce="amax", include_self=True)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..inference.config import InferenceConfig
 from .base import DenseCLIPMethod
-from .registry import register_method
+from .registry import PaperSettings, register_method
 
 
 @register_method(
@@ -18,6 +18,15 @@ from .registry import register_method
     defaults=InferenceConfig(short_side=448, crop=448, stride=224, logit_scale=50.0),
     summary="Q-Q attention, residual and FFN removed.",
     reference="Lan et al., ClearCLIP, ECCV 2024",
+    paper=PaperSettings(
+        "mc-lan/ClearCLIP configs/cfg_*.py",
+        {
+            "voc21": {"prob_threshold": 0.5},
+            "context60": {"prob_threshold": 0.15},
+            "coco_object": {"prob_threshold": 0.4},
+            "cityscapes": {"crop": 224},
+        },
+    ),  # fmt: skip
 )
 class ClearCLIP(DenseCLIPMethod):
     def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor):

@@ -12,7 +12,7 @@ import torch
 
 from ..inference.config import InferenceConfig
 from .base import DenseCLIPMethod
-from .registry import register_method
+from .registry import PaperSettings, register_method
 
 
 @register_method(
@@ -20,6 +20,8 @@ from .registry import register_method
     defaults=InferenceConfig(short_side=512, crop=0, stride=112, logit_scale=100.0),
     summary="Value path only (attention -> identity), residual and FFN kept.",
     reference="Zhou et al., Extract Free Dense Labels from CLIP, ECCV 2022",
+    # whole image, 512 short side, no background handling: the method's registered defaults
+    paper=PaperSettings("chongzhou96/MaskCLIP configs/maskclip/*.py", {}),  # fmt: skip
 )
 class MaskCLIP(DenseCLIPMethod):
     def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..inference.config import InferenceConfig
 from .base import DenseCLIPMethod
-from .registry import register_method
+from .registry import PaperSettings, register_method
 
 
 def gaussian_neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
@@ -30,6 +30,16 @@ def gaussian_neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Ten
     defaults=InferenceConfig(short_side=336, crop=224, stride=112, logit_scale=40.0, pamr_steps=10),
     summary="K-K attention + Gaussian neighbourhood prior, residual and FFN removed; PAMR on.",
     reference="Hajimiri et al., Pay Attention to Your Neighbours (NACLIP), WACV 2025",
+    paper=PaperSettings(
+        "sinahmr/NACLIP configs/cfg_*.py (PAMR on)",
+        {
+            "voc21": {"crop": 0, "prob_threshold": 0.1},
+            "voc20": {"crop": 0},
+            "context60": {"prob_threshold": 0.1},
+            "coco_object": {"prob_threshold": 0.1},
+            "cityscapes": {"short_side": 560},
+        },
+    ),  # fmt: skip
 )
 class NACLIP(DenseCLIPMethod):
     def __init__(self, clip: nn.Module, gaussian_std: float = 5.0):

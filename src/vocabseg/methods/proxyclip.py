@@ -21,7 +21,7 @@ from ..inference.config import InferenceConfig
 from ..models.clip import clip_normalization
 from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD, load_vfm
 from .base import DenseCLIPMethod
-from .registry import register_method
+from .registry import PaperSettings, register_method
 
 VFMLike = nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,6 +43,18 @@ def proxy_attention(feats: torch.Tensor, gamma: float, beta: float) -> torch.Ten
     defaults=InferenceConfig(short_side=336, crop=336, stride=112, logit_scale=40.0, pad_multiple=56),
     summary="Proxy attention from a VFM (DINO/DINOv2/SAM), CLIP values on the VFM grid.",
     reference="Lan et al., ProxyCLIP, ECCV 2024",
+    paper=PaperSettings(
+        "mc-lan/ProxyCLIP configs/cfg_*.py",
+        {
+            "voc21": {"prob_threshold": 0.2},
+            "context60": {"prob_threshold": 0.15},
+            "coco_object": {"prob_threshold": 0.25},
+            "cityscapes": {"short_side": 448, "crop": 224, "stride": 112},
+            "ade150": {"short_side": 448},
+            "ade847": {"short_side": 448},
+            "context459": {"short_side": 448},
+        },
+    ),  # fmt: skip
 )
 class ProxyCLIP(DenseCLIPMethod):
     """Args:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..inference.config import InferenceConfig
 from .base import DenseCLIPMethod
-from .registry import register_method
+from .registry import PaperSettings, register_method
 
 
 @register_method(
@@ -20,6 +20,16 @@ from .registry import register_method
     defaults=InferenceConfig(short_side=336, crop=224, stride=112, logit_scale=40.0),
     summary="Correlative self-attention softmax(QQ^T)+softmax(KK^T), residual and FFN kept.",
     reference="Wang et al., SCLIP, ECCV 2024",
+    paper=PaperSettings(
+        "wangf3014/SCLIP configs/cfg_*.py",
+        {
+            "voc21": {"logit_scale": 65.0, "prob_threshold": 0.1, "area_threshold": 0.1},
+            "context60": {"logit_scale": 50.0, "prob_threshold": 0.1},
+            "coco_object": {"logit_scale": 50.0, "prob_threshold": 0.1},
+            "coco_stuff": {"short_side": 448},
+            "cityscapes": {"short_side": 560},
+        },
+    ),  # fmt: skip
 )
 class SCLIP(DenseCLIPMethod):
     def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor):

@@ -10,6 +10,7 @@ open_clip 4.x replaces ``nn.MultiheadAttention`` with its own module but keeps t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,35 @@ class CLIPVisionTower(nn.Module):
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
         return torch.cat([cls_pos, patch_pos], dim=0)
 
+    @property
+    def depth(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
     def tokens_before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch-embed ``images`` and run every block but the last. Returns ((B, 1+N, D), grid)."""
+        x, grid, _ = self.forward_intermediates(images, ())
+        return x, grid
+
+    def forward_intermediates(
+        self, images: torch.Tensor, indices: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor]]:
+        """Run every block but the last, keeping the outputs of blocks ``indices`` on the way.
+
+        timm's ``forward_intermediates`` idea: trained heads use middle layers as guidance (CAT-Seg:
+        blocks 3/7 of ViT-B, 7/15 of ViT-L) and some training-free methods fuse them. Indices are
+        0-based block numbers, negative ones count from the end; the last block is never run here
+        (methods rewire it), so ``indices`` must name one of the first ``depth - 1`` blocks.
+
+        Returns: the last block's input (B, 1+N, D), the patch grid, and one (B, 1+N, D) tensor per
+        index (CLS token first, before any ``ln_post``), in the order asked.
+        """
+        wanted = [i % self.depth if -self.depth <= i < self.depth else i for i in indices]
+        bad = [i for i, w in zip(indices, wanted) if not 0 <= w < self.depth - 1]
+        if bad:
+            raise ValueError(
+                f"Intermediate block indices {bad} are out of range: this tower has {self.depth} blocks, "
+                f"and blocks 0..{self.depth - 2} (or -{self.depth}..-2) can be returned."
+            )
         v = self.visual
         x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, gh, gw)
         grid = (x.shape[-2], x.shape[-1])
@@ -105,11 +133,14 @@ class CLIPVisionTower(nn.Module):
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for block in v.transformer.resblocks[:-1]:
+        kept: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(v.transformer.resblocks[:-1]):
             x = block(x)
+            if i in wanted:
+                kept[i] = x if batch_first else x.transpose(0, 1)
         if not batch_first:
             x = x.transpose(0, 1)
-        return x, grid
+        return x, grid, [kept[w] for w in wanted]
 
     def qkv(self, x_ln: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of the last block for LN1-normalised tokens, each (B, heads, T, head_dim)."""

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VocabsegError, VocabularyError
-from ..io.images import load_image
 from ..methods import get_method_spec, list_methods
 from ..result import SegmentationResult
 from ..segmenter import Segmenter
-from ..text.vocabulary import Vocabulary
+from ..text.vocabulary import Vocabulary, parse_background
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -189,13 +188,18 @@ class Engine:
         if method not in self.pool.methods:
             offered = ", ".join(self.pool.methods)
             raise MethodUnavailableError(f"Unknown method {method!r}; this server offers: {offered}.")
-        names = [n.strip() for n in (background or "").split(";") if n.strip()] or None
+        parse_background(background)  # refuse a malformed background before waiting for a worker
         with self.queue.running():
             segmenter = self.pool.get(method)
-            array = load_image(image, self.config.max_pixels)
-            return segmenter.segment(
-                array, vocab, background=names, prob_threshold=prob_threshold, area_threshold=area_threshold
+            (outcome,) = segmenter.segment_many(
+                [image],
+                vocab,
+                background=background,
+                max_pixels=self.config.max_pixels,
+                prob_threshold=prob_threshold,
+                area_threshold=area_threshold,
             )
+            return outcome.result
 
     def methods_info(self) -> list[dict[str, Any]]:
         """Every offered method with its summary, defaults and load status."""

@@ -1,9 +1,13 @@
 """Prompt-ensembled text embeddings, cached on disk.
 
 For every *name* (not class) all templates are encoded, each embedding is L2-normalised, the mean is
-taken and L2-normalised again (the SCLIP-lineage text side). Results are cached in a safetensors
-file keyed by a fingerprint of the text tower's weights and by the templates, so a second run with
-the same vocabulary encodes nothing, and different weights never share entries.
+taken and L2-normalised again (the SCLIP-lineage text side); trained heads that aggregate per
+template (CAT-Seg's cost volume) ask for the (K, P, D) per-template embeddings instead. Results are
+cached in a safetensors file keyed by a fingerprint of the text tower's weights and by the
+templates, so a second run with the same vocabulary encodes nothing, and different weights never
+share entries. The fingerprint is re-checked on every call (cheaply, see
+:mod:`vocabseg.models.fingerprint`), so weights changed by training or a checkpoint load are never
+served stale embeddings. :meth:`TextEncoder.encode_with_grad` is the uncached path with gradients.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..io.files import atomic_write
+from ..models.fingerprint import weights_fingerprint
 
 
 def default_cache_dir() -> Path:
@@ -42,15 +47,7 @@ def _digest(*parts: str | bytes) -> str:
 
 def text_tower_fingerprint(clip: nn.Module) -> str:
     """A hash of every non-visual parameter and buffer (exact bytes, so dtype counts too)."""
-    h = hashlib.blake2b(digest_size=16)
-    tensors = list(clip.named_parameters()) + list(clip.named_buffers())
-    for name, tensor in sorted(tensors, key=lambda kv: kv[0]):
-        if name.startswith("visual."):
-            continue
-        h.update(name.encode())
-        h.update(str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_fingerprint(clip, keep=lambda name: not name.startswith("visual."), tag="text")
 
 
 class TextEncoder:
@@ -78,16 +75,25 @@ class TextEncoder:
         self.last_encoded = 0
         self.memory_entries = memory_entries
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_file: Path | None = None
+        self._memory_owner = ""  # the weights+templates key the in-memory entries belong to
+
+    @property
+    def key(self) -> str:
+        """Identifies the current text-tower weights and templates (recomputed only after a change)."""
+        return _digest(text_tower_fingerprint(self.clip), *self.templates)
 
     @property
     def cache_file(self) -> Path | None:
         if self.cache_dir is None:
             return None
-        if self._cache_file is None:  # hashing the weights costs ~0.3 s for ViT-B: do it once
-            key = _digest(text_tower_fingerprint(self.clip), *self.templates)
-            self._cache_file = self.cache_dir / "text" / f"{key}.safetensors"
-        return self._cache_file
+        return self.cache_dir / "text" / f"{self.key}.safetensors"
+
+    def _check_memory(self) -> None:
+        """Drop in-memory entries computed with other weights."""
+        key = self.key
+        if key != self._memory_owner:
+            self._memory.clear()
+            self._memory_owner = key
 
     def _read_disk(self) -> dict[str, torch.Tensor]:
         path = self.cache_file
@@ -106,16 +112,18 @@ class TextEncoder:
         atomic_write(path, lambda f: f.write(save(merged)))  # readers never see half a file
 
     @torch.no_grad()
-    def encode(self, names: Sequence[str]) -> torch.Tensor:
-        """(len(names), D) float32 unit vectors, on the model's device."""
-        keys = [_digest(n) for n in names]
+    def encode(self, names: Sequence[str], per_template: bool = False) -> torch.Tensor:
+        """(len(names), D) float32 unit vectors, on the model's device; with ``per_template`` the
+        (len(names), P, D) unit embeddings of each template instead of their normalised mean."""
+        self._check_memory()
+        keys = [_digest("per_template", n) if per_template else _digest(n) for n in names]
         missing = [k for k in dict.fromkeys(keys) if k not in self._memory]
         if missing:
             self._memory.update({k: v for k, v in self._read_disk().items() if k in set(missing)})
-        todo = [n for n, k in dict.fromkeys(zip(names, keys)) if k not in self._memory]
+        todo = [(n, k) for n, k in dict.fromkeys(zip(names, keys)) if k not in self._memory]
         self.last_encoded = len(todo)
         if todo:
-            fresh = dict(zip([_digest(n) for n in todo], self._encode_uncached(todo)))
+            fresh = dict(zip([k for _, k in todo], self._encode_uncached([n for n, _ in todo], per_template)))
             self._memory.update(fresh)
             self._write_disk(fresh)
         device = next(self.clip.parameters()).device
@@ -126,7 +134,14 @@ class TextEncoder:
             self._memory.popitem(last=False)
         return out
 
-    def _encode_uncached(self, names: Sequence[str]) -> torch.Tensor:
+    def encode_with_grad(self, names: Sequence[str], per_template: bool = False) -> torch.Tensor:
+        """As :meth:`encode`, with gradients to the text tower and no cache (fine-tuned text towers)."""
+        return self._embed(names, per_template)
+
+    def _encode_uncached(self, names: Sequence[str], per_template: bool = False) -> torch.Tensor:
+        return self._embed(names, per_template).cpu()
+
+    def _embed(self, names: Sequence[str], per_template: bool) -> torch.Tensor:
         prompts = [t.format(n) for n in names for t in self.templates]
         device = next(self.clip.parameters()).device
         chunks = []
@@ -134,4 +149,4 @@ class TextEncoder:
             tokens = self.tokenizer(prompts[start : start + self.prompts_per_batch]).to(device)
             chunks.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
         per_prompt = torch.cat(chunks).reshape(len(names), len(self.templates), -1)
-        return F.normalize(per_prompt.mean(dim=1), dim=-1).cpu()
+        return per_prompt if per_template else F.normalize(per_prompt.mean(dim=1), dim=-1)

@@ -121,6 +121,14 @@ class Vocabulary:
             raise VocabularyError(f"Empty background name in {names!r}.")
         return Vocabulary((*self.classes, VocabClass(names)), len(self.classes))
 
+    def without_background_names(self) -> Vocabulary:
+        """The same classes with a background class that has no names (reached by threshold only)."""
+        if self.background_index is None or not self.classes[self.background_index].names:
+            return self
+        classes = list(self.classes)
+        classes[self.background_index] = VocabClass(())
+        return Vocabulary(tuple(classes), self.background_index)
+
     # -- views ------------------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
@@ -139,3 +147,20 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+
+def parse_background(background: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Background names from ``"sky; wall"`` or a list; ``None`` / ``""`` give none.
+
+    The one parser of background names (Python API, command line and REST API): an empty name
+    between separators (``"sky;;wall"``, ``";"``) is refused rather than silently dropped.
+    """
+    if background is None:
+        return ()
+    names = background.split(";") if isinstance(background, str) else list(background)
+    if isinstance(background, str) and not background.strip():
+        return ()
+    cleaned = tuple(_clean(n) for n in names)
+    if not all(cleaned):
+        raise VocabularyError(f"Empty background name in {background!r}; separate background names with ';'.")
+    return cleaned
