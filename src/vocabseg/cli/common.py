@@ -9,9 +9,7 @@ from typing import Any
 from ..inference.config import SCORES, InferenceConfig
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
-
-# the Segmenter's "not given" markers, spelled here so `--help` works without importing torch models
-DEFAULT, REQUIRED = "default", "required"
+from ..segmenter import DEFAULT, REQUIRED
 from ..text.templates import TEMPLATE_SETS
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from ..methods import MethodSpec, get_method_spec, list_methods
 
 

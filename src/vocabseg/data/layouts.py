@@ -9,7 +9,7 @@ CAT-Seg's detectron2 preparation (``annotations_detectron2`` TIFFs of ADE-847 an
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DatasetLayoutError
@@ -44,6 +44,9 @@ class Layout:
     split_file: a text file of ids (one per line), relative to the dataset root.
     list_from: which listing defines the ids: ``split``, ``images`` or ``labels``.
     recursive: search sub-folders (Cityscapes keeps one folder per city).
+    split: the name of the split this layout reads (the benchmark's evaluation split).
+    splits: (name, id list) of the other splits a benchmark ships as lists, e.g. VOC's
+        ``("train", "ImageSets/Segmentation/train.txt")``; see :meth:`for_split`.
     """
 
     title: str
@@ -55,6 +58,21 @@ class Layout:
     split_file: str | None = None
     list_from: str = "images"
     recursive: bool = False
+    split: str = "val"
+    splits: tuple[tuple[str, str], ...] = ()
+
+    def for_split(self, split: str, name: str = "") -> Layout:
+        """The same layout reading ``split``'s id list (itself for its own split), so training code
+        opens the train images of a benchmark with the same checks and messages as evaluation."""
+        if split == self.split:
+            return self
+        lists = dict(self.splits)
+        if split not in lists:
+            known = ", ".join([self.split, *lists])
+            raise DatasetLayoutError(
+                f"{name or self.title}: no {split!r} split is known for {self.title} (known: {known})."
+            )
+        return replace(self, split_file=lists[split], list_from="split", split=split)
 
     def required(self) -> list[tuple[str, str]]:
         """(relative path, role) of what a dataset root must contain."""

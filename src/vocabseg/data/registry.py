@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,19 @@ def dataset_options(name: str) -> list[str]:
     return [n for n, p in params.items() if n not in ("spec", "data_root") and p.kind != p.KEYWORD_ONLY]
 
 
-def build_dataset(name: str, data_root: str | os.PathLike, **options: Any) -> SegDataset:
+def build_dataset(name: str, data_root: str | os.PathLike, *, split: str | None = None, **options: Any) -> SegDataset:
     """Open benchmark ``name`` under ``data_root`` (the dataset folder itself, or a parent holding
     the standard folder names such as ``VOCdevkit/VOC2012``). Options: ``classes_file`` (every
-    benchmark), ``fold``-specific ``episodes`` / ``pairs_file`` (PASCAL-5i)."""
+    benchmark), ``fold``-specific ``episodes`` / ``pairs_file`` (PASCAL-5i).
+
+    ``split`` reads another split the benchmark ships a list for (``"train"`` for VOC and
+    PASCAL-Context); the default is the evaluation split the published numbers use.
+    """
     spec = get_dataset_spec(name)
+    if split is not None and split != spec.layout.split:
+        layout = spec.layout.for_split(split, name)
+        description = f"{spec.description} [{split} split: {layout.split_file}]"
+        spec = replace(spec, layout=layout, num_images=None, description=description)
     return (spec.build or _build_semantic)(spec, Path(data_root), **options)
 
 
@@ -112,11 +120,12 @@ def build_dataset(name: str, data_root: str | os.PathLike, **options: Any) -> Se
 VOC = Layout(
     "PASCAL VOC 2012", ("VOCdevkit/VOC2012", "VOC2012"), "JPEGImages", "SegmentationClass", (".jpg",), ".png",
     split_file="ImageSets/Segmentation/val.txt", list_from="split",
+    splits=(("train", "ImageSets/Segmentation/train.txt"),),
 )  # fmt: skip
 CONTEXT = Layout(
     "PASCAL-Context (mmseg-converted VOC2010)", ("VOCdevkit/VOC2010", "VOC2010"), "JPEGImages",
     "SegmentationClassContext", (".jpg",), ".png", split_file="ImageSets/SegmentationContext/val.txt",
-    list_from="split",
+    list_from="split", splits=(("train", "ImageSets/SegmentationContext/train.txt"),),
 )  # fmt: skip
 CONTEXT459 = Layout(
     "PASCAL-Context-459 (CAT-Seg-prepared VOC2010)", ("VOCdevkit/VOC2010", "VOC2010"), "JPEGImages",

@@ -3,10 +3,14 @@
 Images are random colour blocks; labels are blocks of random stored values in the benchmark's
 stored range (before its label rule), with a band of ignore pixels, saved in the benchmark's label
 format (VOC palette PNGs, grayscale trainId PNGs, 16-bit TIFFs).
+
+:func:`write_synthetic_pascal5i_shapes` is different: its classes have a learnable look, for tests
+that train a model and expect it to get better.
 """
 
 from __future__ import annotations
 
+import colorsys
 import os
 from pathlib import Path
 
@@ -124,6 +128,128 @@ def write_synthetic_pascal5i(
         for fold in range(NUM_FOLDS):
             lines = [f"{i}__{c:02d}" for i in ids for c in fold_classes(fold) if (labels[i] == c).any()]
             path = root / "splits/pascal/val" / f"fold{fold}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{ln}\n" for ln in lines))
+    return root
+
+
+# -- learnable PASCAL-5i-style shapes ------------------------------------------------------------------
+SHAPE_STRIPE = 4  # half-period of the class textures, in pixels
+
+
+def shape_class_colour(cls: int) -> np.ndarray:
+    """RGB colour (float, 0..255) of VOC class ``cls`` (1..20): 10 hues 36 degrees apart, each bright
+    (classes 1..10) and dark (11..20)."""
+    k = cls - 1
+    return np.array(colorsys.hsv_to_rgb((k % 10) / 10, 0.9, 1.0 if k < 10 else 0.55)) * 255
+
+
+def shape_class_texture(cls: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) float texture of class ``cls``: its colour, darkened on a class-specific pattern
+    (horizontal / vertical / diagonal stripes, checker: ``(cls - 1) % 4``) at a random phase.
+
+    Classes with neighbouring hues, or the same hue, have different patterns, so colour and texture
+    both separate the 20 classes even after hue / brightness jitter."""
+    h, w = size
+    yy, xx = np.mgrid[:h, :w] + rng.integers(0, 2 * SHAPE_STRIPE, size=(2, 1, 1))
+    on = [yy // SHAPE_STRIPE, xx // SHAPE_STRIPE, (xx + yy) // SHAPE_STRIPE, yy // SHAPE_STRIPE + xx // SHAPE_STRIPE]
+    dark = (on[(cls - 1) % 4] % 2).astype(np.float64)
+    return shape_class_colour(cls) * (1 - 0.45 * dark)[..., None]
+
+
+def _background_texture(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Smooth, nearly grey blotches: unlike any class colour."""
+    h, w = size
+    coarse = rng.uniform(60, 190, size=(4, 4, 1)) + rng.uniform(-8, 8, size=(1, 1, 3))
+    return np.kron(coarse, np.ones((-(-h // 4), -(-w // 4), 1)))[:h, :w]
+
+
+def _shape_mask(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A filled rectangle or disc, 1/4 to 1/2 of the short side across, inside the image."""
+    h, w = size
+    side = int(rng.integers(max(2, min(h, w) // 4), max(3, min(h, w) // 2) + 1))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    yy, xx = np.mgrid[:h, :w]
+    if rng.random() < 0.5:
+        sh, sw = side, int(rng.integers(max(2, side // 2), side + 1))
+        return (yy >= top) & (yy < top + sh) & (xx >= left) & (xx < left + sw)
+    r = side / 2
+    return (yy - top - r + 0.5) ** 2 + (xx - left - r + 0.5) ** 2 <= r * r
+
+
+def shapes_image(
+    classes: list[int], size: tuple[int, int], rng: np.random.Generator, min_pixels: int = 24
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 (H, W, 3), VOC label map) with one shape per class on a background texture, later
+    shapes on top, 255 on a 1-px band along every outline; each class keeps ``min_pixels`` labelled."""
+    for _ in range(100):
+        image, label = _background_texture(size, rng), np.zeros(size, dtype=np.int64)
+        for cls in classes:
+            mask = _shape_mask(size, rng)
+            image[mask] = shape_class_texture(cls, size, rng)[mask]
+            label[mask] = cls
+        edge = np.zeros(size, dtype=bool)
+        edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+        edge[:-1, :] |= label[:-1, :] != label[1:, :]
+        label[edge] = 255
+        if all((label == c).sum() >= min_pixels for c in classes):
+            break
+    image = image + rng.normal(0, 6, size=image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+
+
+def _class_lists(n: int, rng: np.random.Generator) -> list[list[int]]:
+    """1-3 distinct classes per image, dealt from shuffled decks of the 20 classes, so every class
+    appears once the split has 20 shapes (at most 20 images)."""
+    deck: list[int] = []
+    lists = []
+    for _ in range(n):
+        picked: list[int] = []
+        for _ in range(int(rng.integers(1, 4))):
+            if not deck:
+                deck = [int(c) for c in rng.permutation(20) + 1]
+            cls = next((c for c in deck if c not in picked), None)
+            if cls is not None:
+                deck.remove(cls)
+                picked.append(cls)
+        lists.append(picked)
+    return lists
+
+
+def write_synthetic_pascal5i_shapes(
+    data_root: str | os.PathLike,
+    num_train: int,
+    num_val: int,
+    size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+    hsnet_lists: bool = False,
+) -> Path:
+    """A learnable PASCAL-5i: VOC2012 ``JPEGImages`` + ``SegmentationClassAug`` +
+    ``ImageSets/Segmentation/{train_aug,val}.txt``; returns the dataset root.
+
+    Each image shows 1-3 shapes (rectangles, discs) of distinct VOC classes on a grey background;
+    a class's colour and stripe / checker texture (:func:`shape_class_texture`) identify it locally,
+    so a small head can learn them in seconds. Every class appears in a split of 20 or more images.
+    Train ids are ``2008_*``, val ids ``2007_*``. ``hsnet_lists`` also writes HSNet's
+    ``splits/pascal/{trn,val}/fold{i}.txt`` (every present pair, in image order).
+    """
+    from .pascal5i import LAYOUT, NUM_FOLDS, VAL_LIST, fold_classes
+
+    root = Path(data_root)
+    rng = np.random.default_rng(seed)
+    splits = {"trn": ("2008", num_train, "train_aug.txt"), "val": ("2007", num_val, Path(VAL_LIST).name)}
+    for split, (year, num, list_name) in splits.items():
+        ids, present = [f"{year}_{k:06d}" for k in range(num)], {}
+        for sample_id, classes in zip(ids, _class_lists(num, rng)):
+            image, label = shapes_image(classes, size, rng)
+            write_sample(LAYOUT, root, sample_id, image, label)
+            present[sample_id] = set(np.unique(label).tolist())
+        list_path = root / Path(VAL_LIST).parent / list_name
+        list_path.parent.mkdir(parents=True, exist_ok=True)
+        list_path.write_text("".join(f"{i}\n" for i in ids))
+        for fold in range(NUM_FOLDS) if hsnet_lists else ():
+            lines = [f"{i}__{c:02d}" for i in ids for c in fold_classes(fold) if c in present[i]]
+            path = root / "splits/pascal" / split / f"fold{fold}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(f"{ln}\n" for ln in lines))
     return root
