@@ -14,11 +14,8 @@ ProxyCLIP) weights: speed does not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import describe_device
+from common import describe_device, peak_rss_mib, reset_peak_rss
 
 PROTOCOLS = {  # name -> (short side, crop, stride)
     "336 / 224 s112": (336, 224, 112),
@@ -45,21 +42,6 @@ def make_images(n: int, seed: int = 0) -> list[np.ndarray]:
     """VOC-sized test images (500 x 375 and 375 x 500, alternating)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size=(375, 500, 3) if i % 2 == 0 else (500, 375, 3), dtype=np.uint8) for i in range(n)]
-
-
-def reset_peak_rss() -> None:
-    """Start the process's resident-memory high-water mark afresh (Linux >= 4.0), so that the peak
-    measured is the timed segmentation's, not the model loading's or the text encoding's."""
-    with contextlib.suppress(OSError):  # elsewhere the peak is the whole process's (ru_maxrss)
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mib() -> float:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_segmenter(method: str, protocol: str, device: str, **settings):

@@ -141,7 +141,7 @@ class Segmenter:
         self.template_name = (
             (templates or self.spec.templates) if not isinstance(templates, (list, tuple)) else "custom"
         )
-        trained = self._read_weights(weights)
+        trained = None if built is not None else self._read_weights(weights)  # a built module has its weights
         self.weights_source = trained.source if trained is not None else None
 
         kwargs = {**(trained.options if trained is not None else {}), **(method_kwargs or {})}
@@ -172,10 +172,15 @@ class Segmenter:
                 self.clip = self._load_clip(model, pretrained, tokenizer)
             self.method = create_method(self.spec.name, self.clip.model, **kwargs)
             if self.spec.trainable:
-                self.method.clip_identity = {"model": self.clip.name.split("/")[0], "pretrained": pretrained}
-                self.method.store_clip = stores_clip or pretrained is None or isinstance(model, nn.Module)
-                if trained is not None:
+                # "ViT-B-16/openai" -> "ViT-B-16", but ids with paths whole (local-dir:/a/b, hf-hub:org/repo)
+                name = self.clip.name
+                identity = name if name.startswith(("local-dir:", "hf-hub:")) else name.split("/")[0]
+                self.method.clip_identity = {"model": identity, "pretrained": pretrained}
+                if trained is not None:  # expect CLIP's tensors only if the checkpoint says it stores them
+                    self.method.store_clip = stores_clip
                     self.method.load_checkpoint_state(trained.state)
+                # checkpoints written from here on store CLIP when it cannot be rebuilt from a name and tag
+                self.method.store_clip = stores_clip or pretrained is None or isinstance(model, nn.Module)
             self.method = self.method.to(self.device, self.dtype).eval()
         cache = default_cache_dir() if text_cache_dir == "default" else text_cache_dir
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, cache)

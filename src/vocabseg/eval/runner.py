@@ -25,7 +25,7 @@ from .._names import lookup
 from ..data.dataset import SegDataset, check_same_size
 from ..data.files import save_label_png
 from ..data.layouts import Sample
-from .distributed import all_reduce_sum, barrier, world_info
+from .distributed import WorldInfo, all_reduce_sum, barrier, world_info
 from .metrics import CONVENTIONS, confusion_matrix, episode_metrics, segmentation_metrics
 from .protocols import resolve_protocol
 from .records import RecordStore, run_id, run_identity
@@ -126,6 +126,7 @@ def evaluate(
     save_predictions: bool = False,
     images_per_batch: int = 2,
     progress: bool = True,
+    shard: bool = True,
 ) -> EvalResult:
     """Evaluate ``segmenter`` on ``dataset`` (any object with ``predict_arrays``, ``describe``,
     ``spec``, ``clip``, ``method``, ``templates``, ``dtype`` and ``device`` will do).
@@ -143,11 +144,13 @@ def evaluate(
         convention: the headline metrics: ``mmseg`` or ``detectron2`` (both are computed).
         save_predictions: write each prediction as a palette PNG of dataset label indices.
         images_per_batch: images whose windows share forward passes.
+        shard: under torchrun, split the samples across processes (every process must call). With
+            ``False`` this process evaluates everything alone (validation on one rank of a training run).
     """
     lookup(CONVENTIONS, convention, "metric convention")
     if save_predictions and out_dir is None:
         raise ValueError("save_predictions needs an out_dir to write the PNGs to.")
-    world = world_info()
+    world = world_info() if shard else WorldInfo()
     method = segmenter.spec.name
     resolved = resolve_protocol(protocol, method, dataset.settings_key, dataset.has_background, overrides)
     config = resolved.config
@@ -155,24 +158,24 @@ def evaluate(
     rid = run_id(identity)
     scorer = lookup(SCORERS, dataset.kind, "dataset kind")(dataset)
     samples = dataset.limited(limit)
-    shard = samples[world.rank :: world.world_size]
+    part = samples[world.rank :: world.world_size]
 
     run_dir = Path(out_dir) / dataset.name / f"{method}-{rid}" if out_dir is not None else None
     store = RecordStore(run_dir, scorer.shape) if run_dir is not None else None
     if run_dir is not None and world.is_main:
         write_run_identity(run_dir, identity)
-    done = store.load([s.id for s in shard]) if store is not None else {}
+    done = store.load([s.id for s in part]) if store is not None else {}
     acc = torch.zeros(scorer.shape, dtype=torch.int64)
-    for s in shard:
+    for s in part:
         if s.id in done:
             acc += s.weight * done[s.id]
-    todo = sorted((s for s in shard if s.id not in done), key=lambda s: (s.group or 0, s.id))
+    todo = sorted((s for s in part if s.id not in done), key=lambda s: (s.group or 0, s.id))
     palette = dataset.palette_colors() if save_predictions else None
 
     start = time.perf_counter()
     bar = tqdm(
-        total=len(shard),
-        initial=len(shard) - len(todo),
+        total=len(part),
+        initial=len(part) - len(todo),
         desc=dataset.name,
         unit="img",
         file=sys.stderr,
@@ -195,8 +198,9 @@ def evaluate(
         bar.set_postfix(mIoU=f"{100 * scorer.running(acc):.2f}")
     bar.close()
 
-    total = all_reduce_sum(acc, segmenter.device)
-    computed, resumed = all_reduce_sum(torch.tensor([len(todo), len(shard) - len(todo)]), segmenter.device).tolist()
+    reduce = all_reduce_sum if world.distributed else (lambda t, device: t.clone())
+    total = reduce(acc, segmenter.device)
+    computed, resumed = reduce(torch.tensor([len(todo), len(part) - len(todo)]), segmenter.device).tolist()
     seconds = time.perf_counter() - start
     all_metrics = scorer.metrics(total)
     headline = all_metrics.get(convention, next(iter(all_metrics.values())))
@@ -218,5 +222,6 @@ def evaluate(
     result = EvalResult(dataset.name, headline, all_metrics, total, info, run_dir)
     if run_dir is not None and world.is_main:
         write_result(result)
-    barrier()
+    if world.distributed:
+        barrier()
     return result
