@@ -25,8 +25,24 @@ from safetensors.torch import save_file  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_CLIP = "vocabseg-test-tiny"  # 3 blocks, width 64, 2 heads, patch 16, native 64 px (4x4 grid)
+# 2 blocks, width 96, patch 8, 96-d embeddings: random features still separate textures (training tests)
+SMALL_CLIP = "vocabseg-test-small"
 
 open_clip.add_model_config(ASSETS / f"{TINY_CLIP}.json")
+open_clip.add_model_config(ASSETS / f"{SMALL_CLIP}.json")
+
+
+def write_local_clip_dir(folder: Path, config: str, seed: int = 0) -> Path:
+    """A ``local-dir:`` folder (open_clip_config.json + safetensors weights) of a random test model."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = open_clip.create_model(config, pretrained=None)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((ASSETS / f"{config}.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
 
 
 def make_tiny_clip(seed: int = 0) -> torch.nn.Module:
@@ -62,13 +78,14 @@ def tiny_vfm() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory, tiny_clip) -> Path:
-    """A ``local-dir:`` folder (open_clip_config.json + safetensors weights) of the tiny model."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    cfg = json.loads((ASSETS / f"{TINY_CLIP}.json").read_text())
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in tiny_clip.state_dict().items()}, folder / "open_clip_model.safetensors")
-    return folder
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A ``local-dir:`` folder of the tiny model (the same weights as ``tiny_clip``)."""
+    return write_local_clip_dir(tmp_path_factory.mktemp("tiny-clip"), TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def small_clip_dir(tmp_path_factory) -> Path:
+    return write_local_clip_dir(tmp_path_factory.mktemp("small-clip"), SMALL_CLIP)
 
 
 @pytest.fixture()

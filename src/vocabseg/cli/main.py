@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "methods": "vocabseg.cli.methods",
     "eval": "vocabseg.cli.eval",
     "serve": "vocabseg.cli.serve",
+    "train": "vocabseg.cli.train",
+    "recipes": "vocabseg.cli.recipes",
 }
 
 
