@@ -48,7 +48,7 @@ VOC_CLASSES = ClassSource("voc", 20)
 def fold_classes(fold: int) -> list[int]:
     """VOC class labels (1..20) of fold ``fold``."""
     if not 0 <= fold < NUM_FOLDS:
-        raise ValueError(f"PASCAL-5i fold must be 0..{NUM_FOLDS - 1}, got {fold}")
+        raise DatasetLayoutError(f"PASCAL-5i fold must be 0..{NUM_FOLDS - 1}, got {fold}")
     return [CLASSES_PER_FOLD * fold + k + 1 for k in range(CLASSES_PER_FOLD)]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ class RunLogger:
             return
         trim_metrics(self.metrics_path, start_step)
         self._file = open(self.metrics_path, "a")  # noqa: SIM115 (closed in close())
-        self._bar = tqdm(total=total, initial=start_step, disable=not progress, dynamic_ncols=True, desc="train")
+        self._bar = tqdm(
+            total=total, initial=start_step, disable=not progress, dynamic_ncols=True, desc="train", file=sys.stderr
+        )
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -77,7 +80,7 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            tqdm.write(message)
+            tqdm.write(message, file=sys.stderr)
 
     def advance(self) -> None:
         if self._bar is not None:
