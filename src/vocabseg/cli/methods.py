@@ -17,7 +17,7 @@ def _method_options(spec: MethodSpec) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    header = ("method", "short side", "crop/stride", "logit scale", "PAMR", "pad", "options")
+    header = ("method", "kind", "short side", "crop/stride", "logit scale", "score", "PAMR", "pad", "options")
     rows = []
     for name in list_methods():
         spec = get_method_spec(name)
@@ -27,9 +27,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             (
                 name,
+                "trained" if spec.trainable else "training-free",
                 str(d.short_side),
                 window,
                 f"{d.logit_scale:g}",
+                d.score,
                 pamr,
                 str(d.pad_multiple or "-"),
                 _method_options(spec),
@@ -42,4 +44,6 @@ def run(args: argparse.Namespace) -> int:
     for name in list_methods():
         spec = get_method_spec(name)
         print(f"{name:10s} {spec.summary}  [{spec.reference}]")
+        if spec.trainable:
+            print(f"{'':10s} weights: {spec.weights}")
     return 0
