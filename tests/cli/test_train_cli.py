@@ -4,6 +4,7 @@ clear error line and exit status 2."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -57,6 +58,18 @@ def test_train_then_segment_and_eval_with_the_weights(train_args, data_root, tmp
                  "-o", str(eval_out), "--method", "beyond_labels", "--weights", best])  # fmt: skip
     assert code == 0
     assert "pascal5i-1: mIoU" in capsys.readouterr().out
+
+    # one checkpoint per fold through a {fold} pattern; the summary prints the PASCAL-5i table
+    for fold in (1, 2):
+        shutil.copytree(out / "checkpoint-last", tmp_path / f"f{fold}")
+    code = main(["eval", "-b", "pascal5i-1,pascal5i-2", "--data-root", str(data_root), "--no-progress",
+                 "-o", str(eval_out), "--method", "beyond_labels", "--weights", str(tmp_path / "f{fold}")])  # fmt: skip
+    assert code == 0
+    summary = (eval_out / "summary.md").read_text()
+    assert "## PASCAL-5i" in summary and "(2 of 4 folds)" in summary
+    assert main(["eval", "-b", "pascal5i-3", "--data-root", str(data_root), "-o", str(eval_out),
+                 "--method", "beyond_labels", "--weights", str(tmp_path / "f{fold}")]) == 2  # fmt: skip
+    assert "f3" in capsys.readouterr().err  # the missing fold's path is named
 
     # resuming a finished run changes nothing; a new run in the same folder is refused
     assert main([*train_args, "--out", str(out), "--resume"]) == 0

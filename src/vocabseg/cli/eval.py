@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "<method>-<run id>/ (result.json, result.md with per-class IoU, per-image records that make an "
         "interrupted run resume) and OUT/summary.md (method x benchmark). Runs sharded under torchrun.",
         epilog="Example: vocabseg eval -b all --data-root data/ --method sclip --protocol paper. "
+        "Trained per PASCAL-5i fold: -b pascal5i --method beyond_labels --weights 'runs/bl-f{fold}/checkpoint-best'. "
         "Run `vocabseg eval --list` for the benchmarks and the layouts they expect.",
     )
     p.add_argument("--benchmark", "-b", help="a benchmark, a comma-separated list, 'all' or 'pascal5i'")
@@ -131,7 +132,8 @@ def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str
     from ..eval import evaluate, write_summary
 
     say = print if is_main else (lambda *a, **k: None)
-    seg = segmenter_from_args(args)
+    per_fold = isinstance(args.weights, str) and "{fold}" in args.weights
+    seg = None if per_fold else segmenter_from_args(args)
     overrides = settings_from_args(args)
     done, missing = 0, []
     for name in names:
@@ -145,6 +147,11 @@ def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str
             continue
         for note in dataset.notes:
             say(f"{name}: {note}", file=sys.stderr)
+        if per_fold:  # each PASCAL-5i fold has its own trained weights (its classes were held out)
+            fold = getattr(dataset, "fold", None)
+            if fold is None:
+                raise VocabsegError(f"--weights with {{fold}} applies to PASCAL-5i folds, not to {name}.")
+            seg = segmenter_from_args(argparse.Namespace(**{**vars(args), "weights": args.weights.format(fold=fold)}))
         result = evaluate(
             seg,
             dataset,

@@ -165,12 +165,36 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(["# Summary", "", *lines, *notes]) + "\n"
 
 
+def pascal5i_table(results: list[dict[str, Any]]) -> str:
+    """PASCAL-5i as the papers print it: per-fold mIoU, their mean, and the mean FB-IoU, one row per
+    method, base model and protocol. Trained methods have different weights per fold (each fold's
+    classes are held out of its own training), so rows are not split by weights here."""
+    rows: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        name = r["benchmark"]
+        if not name.startswith("pascal5i-") or r.get("limit") is not None:
+            continue
+        key = (r["method"], r["model"], r["protocol"]["label"])
+        rows.setdefault(key, {})[int(name.rsplit("-", 1)[1])] = r["metrics"]
+    if not rows:
+        return ""
+    lines = ["| method | model | protocol | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for (method, model, protocol), folds in rows.items():
+        cells = [_pct(folds[f]["mIoU"]) if f in folds else "" for f in range(4)]
+        complete = len(folds) == 4
+        mean = _pct(sum(m["mIoU"] for m in folds.values()) / 4) if complete else f"- ({len(folds)} of 4 folds)"
+        fb = _pct(sum(m["FB-IoU"] for m in folds.values()) / 4) if complete else "-"
+        lines.append(f"| {method} | {model} | {protocol} | {' | '.join(cells)} | {mean} | {fb} |")
+    return "\n".join(["", "## PASCAL-5i", "", *lines, ""])
+
+
 def write_summary(out_dir: str | os.PathLike) -> Path | None:
     """``out_dir/summary.md`` and ``summary.json`` over every result under ``out_dir``."""
     out_dir = Path(out_dir)
     results = _load_results(out_dir)
     if not results:
         return None
-    atomic_write_text(out_dir / "summary.md", summary_table(results))
+    atomic_write_text(out_dir / "summary.md", summary_table(results) + pascal5i_table(results))
     atomic_write_text(out_dir / "summary.json", json.dumps(results, indent=2))
     return out_dir / "summary.md"
