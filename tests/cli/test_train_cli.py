@@ -42,6 +42,7 @@ def test_train_then_segment_and_eval_with_the_weights(train_args, data_root, tmp
         assert {"model.safetensors", "config.json", "manifest.json"} <= {p.name for p in (out / name).iterdir()}
     assert json.loads((out / "checkpoint-last" / "config.json").read_text())["method"] == "beyond_labels"
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))  # no pickles
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard (the train extra is installed)
 
     image = tmp_path / "img.png"
     Image.fromarray(np.full((40, 56, 3), 128, np.uint8)).save(image)

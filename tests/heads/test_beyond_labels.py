@@ -28,8 +28,8 @@ def fourier_reference(freqs: np.ndarray, weight: np.ndarray, bias: np.ndarray, g
     return np.stack(rows)
 
 
-def d(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().double()
+def d(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().double()
 
 
 def layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:

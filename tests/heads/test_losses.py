@@ -85,15 +85,21 @@ def test_matches_torch_reference_without_background(name):
     target = torch.randint(0, 4, (2, 5, 6))
     target[0, 0, :3] = 255
     valid = target != 255
-    if name == "bce":
-        onehot = torch.nn.functional.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float()
-        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        expected = per.permute(0, 2, 3, 1)[valid].mean()
-    else:
-        full = torch.cat([torch.zeros(2, 1, 5, 6), logits], 1)
-        shifted = torch.where(valid, target + 1, torch.full_like(target, -100))
-        expected = torch.nn.functional.cross_entropy(full, shifted, ignore_index=-100)
+    per_image = []  # torch's own mean over each image's valid pixels, then the mean over images
+    for i in range(2):
+        if name == "bce":
+            onehot = torch.nn.functional.one_hot(target[i].clamp(max=3), 4).permute(2, 0, 1).float()
+            per = torch.nn.functional.binary_cross_entropy_with_logits(logits[i], onehot, reduction="none")
+            per_image.append(per.permute(1, 2, 0)[valid[i]].mean())
+        else:
+            full = torch.cat([torch.zeros(1, 5, 6), logits[i]], 0)[None]
+            shifted = torch.where(valid[i], target[i] + 1, torch.full_like(target[i], -100))[None]
+            per_image.append(torch.nn.functional.cross_entropy(full, shifted, ignore_index=-100))
+    expected = torch.stack(per_image).mean()
     torch.testing.assert_close(LOSSES[name](logits, target), expected)
+    # every image weighs the same: the loss of a batch is the mean of its halves' losses (DDP = one process)
+    halves = (LOSSES[name](logits[:1], target[:1]) + LOSSES[name](logits[1:], target[1:])) / 2
+    torch.testing.assert_close(LOSSES[name](logits, target), halves)
 
 
 def test_bad_targets_fail_loudly():

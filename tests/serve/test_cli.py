@@ -30,6 +30,15 @@ def test_factory_uses_the_model_flags_and_gives_the_vfm_only_to_proxyclip(tiny_c
     assert segmenter.clip.name == f"local-dir:{tiny_clip_dir}"
 
 
+def test_factory_gives_the_weights_only_to_the_trained_method(tiny_clip_dir):
+    args = parse("--method", "beyond_labels", "--weights", "none", "--model", f"local-dir:{tiny_clip_dir}")
+    create = segmenter_factory(args)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        trained = create("beyond_labels")
+    assert trained.spec.trainable and trained.describe()["weights"].startswith("random")
+    assert create("sclip").spec.name == "sclip"  # would raise "takes no weights" if --weights were passed on
+
+
 def test_unloadable_default_method_fails_before_serving(tiny_clip_dir, capsys):
     pytest.importorskip("gradio", reason="the web extra is not installed")
     code = main(["serve", "--method", "proxyclip", "--model", f"local-dir:{tiny_clip_dir}", "--port", "1"])

@@ -7,11 +7,14 @@ here; the learning test measures the held-out images' mIoU on the 15 *seen* clas
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from vocabseg import Segmenter
@@ -19,6 +22,7 @@ from vocabseg.data.files import read_label_map, read_rgb
 from vocabseg.data.pascal5i import LAYOUT, Pascal5iTargets
 from vocabseg.data.synthetic import write_synthetic_pascal5i_shapes
 from vocabseg.errors import DatasetLayoutError, MethodOptionError
+from vocabseg.eval.distributed import exit_process
 from vocabseg.eval.metrics import confusion_matrix
 from vocabseg.train import get_recipe, train
 from vocabseg.train.tasks import build_training
@@ -95,6 +99,40 @@ def test_checkpoint_reloads_to_the_same_predictions_and_resume_is_exact(shapes_r
     assert set(resumed) == set(reference)
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, root: str, clip_dir: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    recipe = small_recipe(clip_dir, 64, 3, "batch_size=2")
+    setup = build_training(recipe, root)
+    train(recipe, setup.model, setup.dataset, out, progress=False)
+    exit_process(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process_with_twice_the_batch(shapes_root, small_clip_dir, tmp_path):
+    args = (2, _free_port(), str(shapes_root), str(small_clip_dir), str(tmp_path / "ddp"))
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    recipe = small_recipe(small_clip_dir, 64, 3, "batch_size=4")
+    setup = build_training(recipe, shapes_root)
+    initial = {k: v.clone() for k, v in setup.model.checkpoint_state().items()}
+    train(recipe, setup.model, setup.dataset, tmp_path / "one", progress=False)
+    ddp = load_file(tmp_path / "ddp" / "checkpoint-last" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "checkpoint-last" / "model.safetensors")
+    assert sorted(ddp) == sorted(one)
+    moved = [k for k in one if not torch.equal(one[k], initial[k])]
+    assert any(k.startswith("head.") for k in moved)  # it trained
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-5, msg=key)
 
 
 def test_bad_setups_are_refused_clearly(shapes_root, small_clip_dir, tmp_path):

@@ -131,8 +131,10 @@ class ConvUpsampleDecoder(nn.Module):
         if not channels:
             raise ValueError("the decoder needs at least one stage")
         chans = [in_channels, *channels]
-        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
-        self.conv_last = nn.Conv2d(chans[-1], chans[-1], 3, padding=1)
+        # no bias before InstanceNorm: the norm removes any per-channel constant, so a bias would get only
+        # rounding noise as gradient, which Adam would turn into full-size random steps
+        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip(chans[:-1], chans[1:]))
+        self.conv_last = nn.Conv2d(chans[-1], chans[-1], 3, padding=1, bias=False)
         self.out = nn.Conv2d(chans[-1], out_channels, 1)
 
     @staticmethod

@@ -11,8 +11,11 @@ value ≥ K) marks pixels that belong to none of the K classes.
   Its argmax is exactly the sigmoid rule "argmax over [0.5, sigmoid(logits)]" (sigmoid is monotone
   and sigmoid(0) = 0.5), so it trains the decision the BCE head is evaluated with.
 
-Both average over the valid pixels (and, for BCE, the K classes) and return a 0-d tensor; when every
-pixel is ignored they return 0 that still carries a (zero) gradient, never NaN.
+Both average over each image's valid pixels (and, for BCE, the K classes), then over the images,
+and return a 0-d tensor; an image whose every pixel is ignored counts 0 (with a zero gradient, never
+NaN). Averaging per image first gives every image the same weight whatever its ignored area, and
+makes the loss of a batch split across DDP processes (each averaging its own images, gradients then
+averaged over processes) exactly the loss of the whole batch in one process.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ def _check(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, backgr
         )
 
 
+def _per_image_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean over images of (sum over the image's valid elements / their number); 0 for none valid."""
+    return (sums / counts.clamp(min=1).to(sums.dtype)).mean()
+
+
 def binary_ce_loss(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, background_index: int | None = None
 ) -> torch.Tensor:
@@ -68,8 +76,7 @@ def binary_ce_loss(
     onehot = (target.unsqueeze(1) == classes).to(logits.dtype)  # background: all zeros
     per_elem = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     per_elem = torch.where(valid, per_elem, torch.zeros_like(per_elem))  # no 0·inf = NaN from ignored pixels
-    count = valid.sum() * k
-    return per_elem.sum() / count.clamp(min=1).to(per_elem.dtype)
+    return _per_image_mean(per_elem.sum(dim=(1, 2, 3)), valid.sum(dim=(1, 2, 3)) * k)
 
 
 def cross_entropy_loss(
@@ -87,7 +94,7 @@ def cross_entropy_loss(
     column = torch.where((target >= 0) & (target < k), target + 1, torch.zeros_like(target))
     nll = -full.log_softmax(dim=1).gather(1, column.unsqueeze(1)).squeeze(1)  # (B, H, W)
     nll = torch.where(valid, nll, torch.zeros_like(nll))
-    return nll.sum() / valid.sum().clamp(min=1).to(nll.dtype)
+    return _per_image_mean(nll.sum(dim=(1, 2)), valid.sum(dim=(1, 2)))
 
 
 LOSSES: dict[str, LossFn] = {"bce": binary_ce_loss, "ce": cross_entropy_loss}

@@ -78,7 +78,9 @@ def build_model(recipe: Recipe, device: str | torch.device = "cpu") -> tuple[Tra
     if not spec.trainable:
         raise MethodOptionError(f"Method {spec.name!r} is training-free: there is nothing to train.")
     clip = load_clip(recipe.model.clip_model, recipe.model.pretrained, device="cpu")  # warns if random
-    model = create_method(spec.name, clip.model, **dict(recipe.model.options))
+    with torch.random.fork_rng(devices=[]):  # the head's initialisation follows the recipe's seed
+        torch.manual_seed(recipe.seed)
+        model = create_method(spec.name, clip.model, **dict(recipe.model.options))
     model.clip_identity = {"model": recipe.model.clip_model, "pretrained": recipe.model.pretrained}
     # CLIP weights that cannot be rebuilt from a name and tag (random ones) travel with the checkpoint;
     # ``--pretrained none`` with a local-dir model stores the folder's weights the same way
