@@ -178,13 +178,13 @@ def test_a_manifest_that_does_not_match(checkpoint, tiny_clip_dir, tmp_path, wro
         message = r"model\.safetensors has \d+ bytes, expected \d+"
     elif wrong == "sha256":
         manifest["files"]["model.safetensors"]["sha256"] = "0" * 64
-        message = "sha256 mismatch"
+        message = "sha256 differs"
     elif wrong == "missing_file":
         manifest["files"]["extra.bin"] = {"size": 3}
         message = r"extra\.bin is missing \(listed in manifest\.json\)"
     else:
         manifest = None
-        message = "unreadable manifest.json"
+        message = "manifest.json is unreadable"
     (folder / "manifest.json").write_text(json.dumps(manifest) if manifest is not None else "{not json")
     with pytest.raises(CheckpointError, match=message):
         load(tiny_clip_dir, folder)

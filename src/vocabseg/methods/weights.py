@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError, WeightsUnavailableError
 
+#: the checkpoint format (written by :mod:`vocabseg.train.checkpoint`, read here)
+FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -50,6 +52,7 @@ class TrainedWeights:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -57,16 +60,32 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_manifest(folder: Path) -> None:
-    """Check every file listed in ``manifest.json`` against its recorded size and sha256."""
-    manifest_path = folder / MANIFEST_FILE
+def verify_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check that ``folder`` is a complete, intact checkpoint: every file ``manifest.json`` lists exists
+    with its recorded size and sha256, and the model and config are among them. Returns the manifest;
+    every problem is one :class:`CheckpointError` naming the file and what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Checkpoint {folder} does not exist or is not a directory.")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files = dict(manifest["files"])
+        version = int(manifest.get("format_version", 0))
+    except FileNotFoundError:
         raise CheckpointError(
-            f"Checkpoint {folder}: unreadable {MANIFEST_FILE} ({exc}); the copy is incomplete."
-        ) from exc
+            f"Checkpoint {folder} is incomplete: {MANIFEST_FILE} is missing (it is written last, so the "
+            "checkpoint was not finished or was copied partially)."
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_FILE} is unreadable ({exc}).") from exc
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {folder} has format version {version}; this vocabseg reads up to {FORMAT_VERSION}. "
+            "Upgrade vocabseg."
+        )
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if name not in files:
+            raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_FILE} does not list {name}.")
     for name, facts in files.items():
         path = folder / name
         if not path.is_file():
@@ -74,13 +93,12 @@ def verify_manifest(folder: Path) -> None:
         size = path.stat().st_size
         if size != facts.get("size"):
             raise CheckpointError(
-                f"Checkpoint {folder}: {name} has {size} bytes, expected {facts.get('size')}; the file is truncated "
-                "or was replaced. Copy the checkpoint again."
+                f"Checkpoint {folder}: {name} has {size} bytes, expected {facts.get('size')} (truncated or "
+                "replaced). Copy the checkpoint again."
             )
-        if "sha256" in facts and file_digest(path) != facts["sha256"]:
-            raise CheckpointError(
-                f"Checkpoint {folder}: {name} is corrupt (sha256 mismatch). Copy the checkpoint again."
-            )
+        if file_digest(path) != facts.get("sha256"):
+            raise CheckpointError(f"Checkpoint {folder}: {name} is corrupt (sha256 differs from {MANIFEST_FILE}).")
+    return manifest
 
 
 def _download_from_hub(repo: str) -> Path:

@@ -20,7 +20,6 @@ the old one aside first, then the new one in.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import random
@@ -41,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..errors import CheckpointError
+from ..methods.weights import CONFIG_FILE, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, file_digest, verify_manifest
 
 __all__ = [
     "CheckpointError",
@@ -69,12 +69,8 @@ __all__ = [
     "restore_rng",
 ]
 
-FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TRAINER_TENSORS_FILE = "trainer_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
 LAST = "checkpoint-last"
 BEST = "checkpoint-best"
 _NUMBERED = re.compile(r"^checkpoint-(\d{8,})$")
@@ -110,14 +106,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @functools.cache
 def _umask() -> int:
     """The process umask (read once: reading it means setting it, briefly)."""
@@ -141,7 +129,7 @@ def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
 
 def _write_manifest(folder: Path) -> None:
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST_FILE
     }
@@ -240,40 +228,7 @@ class Checkpoint:
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Check that ``path`` is a complete, intact checkpoint; return its manifest or raise CheckpointError."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"Checkpoint {folder} does not exist or is not a directory.")
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        files = dict(manifest["files"])
-        version = int(manifest.get("format_version", 0))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"Checkpoint {folder} is incomplete: {MANIFEST_FILE} is missing (it is written last, so the "
-            "checkpoint was not finished or was copied partially)."
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_FILE} is unreadable ({exc}).") from exc
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"Checkpoint {folder} has format version {version}; this vocabseg reads up to {FORMAT_VERSION}. "
-            "Upgrade vocabseg."
-        )
-    for name in (MODEL_FILE, CONFIG_FILE):
-        if name not in files:
-            raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_FILE} does not list {name}.")
-    for name, facts in files.items():
-        p = folder / name
-        if not p.is_file():
-            raise CheckpointError(f"Checkpoint {folder}: {name} is missing (listed in {MANIFEST_FILE}).")
-        size = p.stat().st_size
-        if size != facts.get("size"):
-            raise CheckpointError(
-                f"Checkpoint {folder}: {name} has {size} bytes, expected {facts.get('size')} (truncated or replaced)."
-            )
-        if _sha256(p) != facts.get("sha256"):
-            raise CheckpointError(f"Checkpoint {folder}: {name} is corrupt (sha256 differs from {MANIFEST_FILE}).")
-    return manifest
+    return verify_manifest(path)
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:
