@@ -58,19 +58,20 @@ def seen_class_miou(setup, root, split: str) -> float:
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
-    return write_synthetic_pascal5i_shapes(tmp_path_factory.mktemp("shapes"), 120, 24, size=(80, 80), seed=0)
+    return write_synthetic_pascal5i_shapes(tmp_path_factory.mktemp("shapes"), 120, 24, size=(64, 64), seed=0)
 
 
 @pytest.mark.slow
 def test_beyond_labels_learns_the_seen_classes(shapes_root, small_clip_dir, tmp_path):
     torch.set_num_threads(1)
-    setup = build_training(small_recipe(small_clip_dir, 80, 1000), shapes_root)
+    recipe = small_recipe(small_clip_dir, 64, 1500, "optim.lr=0.003")
+    setup = build_training(recipe, shapes_root)
     before = seen_class_miou(setup, shapes_root, "val")
-    result = train(small_recipe(small_clip_dir, 80, 1000), setup.model, setup.dataset, tmp_path, progress=False)
+    result = train(recipe, setup.model, setup.dataset, tmp_path, progress=False)
     after = seen_class_miou(setup, shapes_root, "val")
-    assert result.step == 1000
+    assert result.step == 1500
     assert before < 0.05, before  # a random head: about chance (everything one class, or background)
-    assert after > 0.4, after  # measured 0.55 on held-out images (0.69 on training images)
+    assert after > 0.4, after  # measured 0.55 on the held-out images (0.73 on training images), ~55 s
 
 
 def test_checkpoint_reloads_to_the_same_predictions_and_resume_is_exact(shapes_root, small_clip_dir, tmp_path):
