@@ -149,6 +149,7 @@ def test_checkpoint_config():
         "tau": TAU,
         "loss": "bce",
         "seed": 7,
+        "fourier_mode": "add",
     }
     assert config["clip"] == {"model": "ViT-B-16", "pretrained": "openai"} and config["stores_clip"] is False
     json.dumps(config)  # writable as config.json
@@ -221,3 +222,28 @@ def test_another_dense_method_changes_the_tokens():
     with torch.no_grad():
         assert (a.logits(x, text) - b.logits(x, text)).abs().max() > 1e-3
         torch.testing.assert_close(b.logits(x, text), by_hand(b, x, text), atol=1e-5, rtol=1e-5)
+
+
+def test_fourier_replacing_clip_positions_is_trained_through_the_frozen_encoder():
+    """``fourier_mode="replace_clip_pos"`` (Eq. 2 read literally): CLIP's patch position embeddings are
+    replaced by the trainable Fourier embedding; CLIP stays frozen but passes gradients to it."""
+    method = build(fourier_mode="replace_clip_pos").train()
+    assert method.head.fourier is None and method.clip_position is not None
+    x = images(64, 64)
+    tower = method.dense.tower
+    with torch.no_grad():  # the tower now takes CLS from CLIP and patches from the Fourier module
+        pos = tower.positional_embedding((4, 4))
+        torch.testing.assert_close(pos[0], tower.visual.positional_embedding[0])
+        torch.testing.assert_close(pos[1:], method.clip_position((4, 4)))
+        before = method.logits(x, unit_text())
+        tower.visual.positional_embedding[1:].add_(1.0)  # CLIP's own patch positions are no longer used
+        torch.testing.assert_close(method.logits(x, unit_text()), before)
+    method.set_class_text(unit_text(k=2))
+    target = torch.randint(0, 3, (2, 64, 64))
+    method.training_step({"image": x, "label": target})["loss"].backward()
+    assert method.clip_position.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.clip.parameters())
+    assert "clip_position.proj.weight" in method.checkpoint_state()
+    assert set(method.param_groups()) == {"head"}
+    with pytest.raises(ValueError, match="fourier_mode"):
+        build(fourier_mode="concat")

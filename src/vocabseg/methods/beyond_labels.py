@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..heads.beyond_labels import BeyondLabelsHead
+from ..heads.beyond_labels import BeyondLabelsHead, FourierPositionalEncoding
 from ..heads.losses import get_loss
 from ..inference.config import InferenceConfig
 from ..inference.sliding import centered_padding
@@ -25,6 +25,7 @@ from .registry import PaperSettings, create_method, get_method_spec, register_me
 from .trained import TrainedCLIPMethod
 
 TAU = 0.08
+FOURIER_MODES = ("add", "replace_clip_pos")
 
 
 @register_method(
@@ -48,6 +49,10 @@ class BeyondLabels(TrainedCLIPMethod):
         CLIP's own patch tokens, as the paper; ``maskclip``, ``sclip``... also work).
     width, depth, heads, decoder_stages, fourier, fourier_frequencies, fourier_sigma: head sizes
         (:class:`BeyondLabelsHead`); ``seed`` fixes the Fourier frequencies.
+    fourier_mode: ``add`` (default): the Fourier embedding is added to the projected visual tokens;
+        ``replace_clip_pos``: it replaces CLIP's own patch position embeddings inside the frozen
+        encoder, as Eq. 2 literally reads (trainable, so gradients then flow through CLIP, which
+        costs a backward pass through the image tower).
     tau: the sigmoid temperature τ.
     loss: ``bce`` (per-class binary, the paper's sigmoid) or ``ce`` (softmax with a background column).
     """
@@ -66,8 +71,11 @@ class BeyondLabels(TrainedCLIPMethod):
         tau: float = TAU,
         loss: str = "bce",
         seed: int = 0,
+        fourier_mode: str = "add",
     ):
         super().__init__(clip)
+        if fourier_mode not in FOURIER_MODES:
+            raise ValueError(f"fourier_mode must be one of {FOURIER_MODES}, got {fourier_mode!r}")
         if get_method_spec(dense).trainable:
             raise ValueError(f"dense={dense!r} must be a training-free method (the frozen feature extractor).")
         self.dense = create_method(dense, clip)
@@ -80,12 +88,17 @@ class BeyondLabels(TrainedCLIPMethod):
             depth=depth,
             heads=heads,
             decoder_stages=decoder_stages,
-            fourier=fourier,
+            fourier=fourier and fourier_mode == "add",
             fourier_frequencies=fourier_frequencies,
             fourier_sigma=fourier_sigma,
             fourier_seed=seed,
             tau=tau,
         )
+        self.replaces_clip_position = fourier and fourier_mode == "replace_clip_pos"
+        if self.replaces_clip_position:
+            width_clip = int(clip.visual.positional_embedding.shape[-1])
+            self.clip_position = FourierPositionalEncoding(fourier_frequencies, fourier_sigma, width_clip, seed=seed)
+            self.dense.tower.patch_position_fn = self.clip_position
 
     def shared_clip_prefixes(self) -> tuple[str, ...]:
         return ("dense.",)
@@ -97,8 +110,9 @@ class BeyondLabels(TrainedCLIPMethod):
         return self
 
     def visual_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Frozen, L2-normalised CLIP patch tokens (B, N, d) and their grid."""
-        with torch.no_grad():
+        """Frozen, L2-normalised CLIP patch tokens (B, N, d) and their grid (with gradients only when
+        a trainable position embedding sits inside CLIP)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.replaces_clip_position):
             dense = F.normalize(self.dense(images).float(), dim=1).to(images.dtype)
         b, d, h, w = dense.shape
         return dense.flatten(2).transpose(1, 2), (h, w)

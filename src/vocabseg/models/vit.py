@@ -10,7 +10,7 @@ open_clip 4.x replaces ``nn.MultiheadAttention`` with its own module but keeps t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ class CLIPVisionTower(nn.Module):
                 "(custom blocks with qk-norm or scaled cosine attention are not supported)."
             )
         self.visual = visual
+        #: a callable (h, w) -> (h*w, width) replacing CLIP's patch position embeddings (Beyond-Labels'
+        #: "replace" mode); not a sub-module here, so its owner stores its weights
+        self.patch_position_fn: Callable[[tuple[int, int]], torch.Tensor] | None = None
 
     # -- geometry --------------------------------------------------------------------------------
     @property
@@ -80,6 +83,8 @@ class CLIPVisionTower(nn.Module):
         which differs numerically from a ``size=``-based resize; the native grid is used unchanged.
         """
         pos = self.visual.positional_embedding
+        if self.patch_position_fn is not None:  # CLIP's CLS position, the replacement's patch positions
+            return torch.cat([pos[:1], self.patch_position_fn(tuple(grid)).to(pos.dtype)], dim=0)
         native = self.native_grid
         if tuple(grid) == tuple(native):
             return pos
