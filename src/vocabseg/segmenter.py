@@ -163,7 +163,13 @@ class Segmenter:
         else:
             base = trained.clip if trained is not None else {}
             stores_clip = bool(trained is not None and trained.config.get("stores_clip"))
-            model = base.get("model") or DEFAULT_MODEL if model == DEFAULT else model
+            if model == DEFAULT:
+                model = base.get("model") or DEFAULT_MODEL
+                if model == "custom":
+                    raise CheckpointError(
+                        f"The weights at {weights} were trained on a CLIP model object, not a named one: pass the "
+                        "same model (Segmenter(model=clip_module) or --model NAME --pretrained TAG/FILE)."
+                    )
             if pretrained == DEFAULT:
                 pretrained = base.get("pretrained") if trained is not None else DEFAULT_PRETRAINED
             with warnings.catch_warnings():
