@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -148,7 +148,3 @@ def _validator(
         return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
     return validate
-
-
-def describe_setup(setup: TrainingSetup) -> dict[str, Any]:
-    return {"dataset": setup.dataset.describe(), "classes": setup.dataset.vocabulary.class_names}
