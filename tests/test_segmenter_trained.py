@@ -243,7 +243,7 @@ def test_segment_many_skips_unreadable_images(trial, rgb_image):
         np.testing.assert_array_equal(outcome.result.labels, alone.labels)
     with pytest.raises(ImageLoadError):
         list(trial.segment_many(sources, CLASSES, on_error="raise"))
-    with pytest.raises(ValueError, match="images_per_batch must be at least 1"):
+    with pytest.raises(ValueError, match=r"images_per_batch \(--images-per-batch\) must be at least 1"):
         list(trial.segment_many(sources, CLASSES, images_per_batch=0))
     with pytest.raises(ValueError, match="on_error"):
         list(trial.segment_many(sources, CLASSES, on_error="ignore"))

@@ -45,3 +45,7 @@ class MethodOptionError(VocabsegError, ValueError):
 
 class CheckpointError(VocabsegError, RuntimeError):
     """A trained checkpoint that is missing, incomplete, corrupt or for another model."""
+
+
+class SettingsError(VocabsegError, ValueError):
+    """An inference or run setting outside its allowed values."""

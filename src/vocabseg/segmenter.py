@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, MethodOptionError, VocabsegError
+from .errors import CheckpointError, MethodOptionError, SettingsError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
 from .inference.postprocess import class_probabilities, decide_labels
@@ -299,16 +299,19 @@ class Segmenter:
 
         With ``on_error="skip"`` an image that cannot be read (not an image, truncated, too large)
         yields an outcome with its error and the others go on; with ``"raise"`` the error is raised.
-        The classes and settings are checked before any image is read. ``max_pixels`` overrides
+        The classes and settings are checked at once (before the first outcome is asked for). ``max_pixels`` overrides
         the Segmenter's limit for these images (a server applies its own).
         """
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise SettingsError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if images_per_batch < 1:
-            raise ValueError(f"images_per_batch must be at least 1, got {images_per_batch}")
+            raise SettingsError(f"images_per_batch (--images-per-batch) must be at least 1, got {images_per_batch}")
         config = self.settings(**overrides)
         vocab = self.vocabulary(classes, background, config.prob_threshold)
         limit = self.max_pixels if max_pixels == DEFAULT else max_pixels
+        return self._outcomes(images, vocab, config, on_error, images_per_batch, limit, progress)
+
+    def _outcomes(self, images, vocab, config, on_error, images_per_batch, limit, progress) -> Iterator[SegmentOutcome]:
         pending: list[tuple[int, ImageSource, np.ndarray]] = []
         for index, source in enumerate(images):
             try:

@@ -105,3 +105,14 @@ def test_console_script_is_installed():
     assert "segment" in run.stdout and "methods" in run.stdout
     run = subprocess.run([sys.executable, "-m", "vocabseg", "segment", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "--classes" in run.stdout and "--pretrained" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message", [(["--images-per-batch", "0"], "images-per-batch"), (["--stride", "0"], "stride=0")]
+)
+def test_invalid_settings_are_one_error_line(tmp_path, rgb_image, model_args, capsys, extra, message):
+    image = write_image(tmp_path / "a.png", rgb_image)
+    assert main(["segment", str(image), "-c", "cat", "-o", str(tmp_path / "out"), *model_args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vocabseg: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

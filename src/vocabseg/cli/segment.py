@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     seg = segmenter_from_args(args)
     jobs = list(zip(args.images, _output_dirs(args.images, args.out)))
     failures: list[str] = []
+    outcomes = seg.segment_many(  # checks the classes and settings before the progress bar starts
+        args.images, vocab, background=args.background, on_error="skip", images_per_batch=args.images_per_batch
+    )
     with tqdm(total=len(jobs), unit="img", desc="segment", file=sys.stderr) as bar:
-        outcomes = seg.segment_many(
-            args.images, vocab, background=args.background, on_error="skip", images_per_batch=args.images_per_batch
-        )
         for outcome in outcomes:
             path, out_dir = jobs[outcome.index]
             if outcome.ok:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ..errors import SettingsError
+
 #: the ways logits become probabilities (see :func:`vocabseg.inference.postprocess.class_probabilities`)
 SCORES = ("softmax", "sigmoid")
 
@@ -68,7 +70,7 @@ class InferenceConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"Invalid inference setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise SettingsError(f"Invalid inference setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
     def updated(self, **overrides: Any) -> InferenceConfig:
         """A copy with the given fields replaced; ``None`` values are ignored (keep the default)."""
