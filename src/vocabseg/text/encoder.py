@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +25,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
+from tqdm import tqdm
 
 from ..io.files import atomic_write
 from ..models.fingerprint import weights_fingerprint
+from .tower import encode_text_fast, pooled_positions
+
+#: Encodings of more prompts than this show a progress bar on stderr (ADE-150 x 80 templates: 12,000).
+PROGRESS_PROMPTS = 2_000
 
 
 def default_cache_dir() -> Path:
@@ -142,11 +148,22 @@ class TextEncoder:
         return self._embed(names, per_template).cpu()
 
     def _embed(self, names: Sequence[str], per_template: bool) -> torch.Tensor:
+        """Every name x template prompt through the text tower at its real length (exact, see
+        :func:`~vocabseg.text.tower.encode_text_fast`). Prompts are sorted by that length before
+        batching, so short prompts are not padded to a long neighbour's, and put back in order."""
         prompts = [t.format(n) for n in names for t in self.templates]
         device = next(self.clip.parameters()).device
+        tokens = self.tokenizer(prompts)
+        positions = pooled_positions(self.clip, tokens)
+        order = torch.arange(len(prompts)) if positions is None else torch.argsort(positions, stable=True)
         chunks = []
-        for start in range(0, len(prompts), self.prompts_per_batch):
-            tokens = self.tokenizer(prompts[start : start + self.prompts_per_batch]).to(device)
-            chunks.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
-        per_prompt = torch.cat(chunks).reshape(len(names), len(self.templates), -1)
+        with tqdm(
+            total=len(prompts), unit="prompt", desc="text", file=sys.stderr, disable=len(prompts) <= PROGRESS_PROMPTS
+        ) as bar:
+            for start in range(0, len(prompts), self.prompts_per_batch):
+                batch = tokens[order[start : start + self.prompts_per_batch]].to(device)
+                chunks.append(F.normalize(encode_text_fast(self.clip, batch).float(), dim=-1))
+                bar.update(len(batch))
+        per_prompt = torch.cat(chunks)[torch.argsort(order).to(device)]  # back to name-major order
+        per_prompt = per_prompt.reshape(len(names), len(self.templates), -1)
         return per_prompt if per_template else F.normalize(per_prompt.mean(dim=1), dim=-1)
