@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     device = process_device(args.device, world)
     code = 2
     try:
-        code = _train(args, recipe, device)
+        code = _train(args, recipe, device, world.is_main)
     except VocabsegError as exc:
         if not world.distributed:
             raise
@@ -89,13 +89,14 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _train(args: argparse.Namespace, recipe, device: str) -> int:
+def _train(args: argparse.Namespace, recipe, device: str, is_main: bool) -> int:
     from ..train import train
     from ..train.tasks import build_training
 
+    say = print if is_main else (lambda *a, **k: None)
     setup = build_training(recipe, args.data_root, device, val_limit=args.val_limit)
     for note in setup.dataset.notes:
-        print(f"{setup.dataset.name}: {note}", file=sys.stderr)
+        say(f"{setup.dataset.name}: {note}", file=sys.stderr)
     result = train(
         recipe,
         setup.model,
@@ -106,5 +107,5 @@ def _train(args: argparse.Namespace, recipe, device: str) -> int:
         validate=setup.validate,
         progress=not args.no_progress,
     )
-    print(f"vocabseg train: done, weights in {result.checkpoint}", file=sys.stderr)
+    say(f"vocabseg train: done, weights in {result.checkpoint}", file=sys.stderr)
     return 0
