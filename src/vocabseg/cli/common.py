@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -108,3 +110,26 @@ def segmenter_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels,
         **settings_from_args(args),
     )
+
+
+def run_distributed(device: str, job: Callable[[str, bool], int]) -> int:
+    """Run ``job(process_device, is_main)`` alone or as one torchrun worker (eval and train alike).
+
+    Under torchrun a user error is printed by the rank that hit it and the worker ends through
+    :func:`~vocabseg.eval.distributed.exit_process` (gloo's teardown race); alone, errors propagate
+    to ``main``, which prints them once.
+    """
+    from ..errors import VocabsegError
+    from ..eval.distributed import exit_process, init_distributed, process_device
+
+    world = init_distributed(device)
+    code = 2
+    try:
+        code = job(process_device(device, world), world.is_main)
+    except VocabsegError as exc:
+        if not world.distributed:
+            raise
+        print(f"vocabseg: error (rank {world.rank}): {exc}", file=sys.stderr)
+    if world.distributed:
+        exit_process(code)
+    return code

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetLayoutError, VocabsegError
-from .common import add_model_options, segmenter_from_args, settings_from_args
+from .common import add_model_options, run_distributed, segmenter_from_args, settings_from_args
 
 BENCHMARK_GROUPS = {
     "all": "the 8 standard training-free benchmarks",
@@ -109,22 +109,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.benchmark or args.data_root is None:
         raise VocabsegError("give --benchmark and --data-root (or --list to see the benchmarks).")
-    from ..eval.distributed import exit_process, init_distributed, process_device
-
     names = expand_benchmarks(args.benchmark)
     options = _dataset_options(args, names)
-    world = init_distributed(args.device)
-    args.device = process_device(args.device, world)
-    code = 2
-    try:
-        code = _run(args, names, options, world.is_main)
-    except VocabsegError as exc:
-        if not world.distributed:
-            raise
-        print(f"vocabseg: error (rank {world.rank}): {exc}", file=sys.stderr)
-    if world.distributed:
-        exit_process(code)
-    return code
+
+    def job(device: str, is_main: bool) -> int:
+        args.device = device
+        return _run(args, names, options, is_main)
+
+    return run_distributed(args.device, job)
 
 
 def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str, Any]], is_main: bool) -> int:

@@ -33,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     print()
+    from ..train.tasks import TRAIN_DATA
+
     for name in list_recipes():
         r = get_recipe(name)
         print(f"{name}: {r.summary}" + (f" [{r.reference}]" if r.reference else ""))
+        if r.data.dataset in TRAIN_DATA:
+            print(f"  data {r.data.dataset}: {TRAIN_DATA[r.data.dataset].description}")
     return 0

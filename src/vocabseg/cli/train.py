@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import VocabsegError
-from .common import none_or_str
+from .common import none_or_str, run_distributed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,21 +71,8 @@ def _json(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.distributed import exit_process, init_distributed, process_device
-
     recipe = recipe_from_args(args)  # bad recipes and keys fail before anything loads
-    world = init_distributed(args.device)
-    device = process_device(args.device, world)
-    code = 2
-    try:
-        code = _train(args, recipe, device, world.is_main)
-    except VocabsegError as exc:
-        if not world.distributed:
-            raise
-        print(f"vocabseg: error (rank {world.rank}): {exc}", file=sys.stderr)
-    if world.distributed:
-        exit_process(code)
-    return code
+    return run_distributed(args.device, lambda device, is_main: _train(args, recipe, device, is_main))
 
 
 def _train(args: argparse.Namespace, recipe, device: str, is_main: bool) -> int:

@@ -138,5 +138,5 @@ class BeyondLabels(TrainedCLIPMethod):
         images, target = batch["image"], batch["label"]
         cos = self.cosine(images, self.class_text)
         k = self.class_text.shape[0]
-        loss = self.loss_fn(cos / self.head.tau, target, ignore_index=255, background_index=k)
+        loss = self.loss_fn(self.head.scaled_logits(cos), target, ignore_index=255, background_index=k)
         return {"loss": loss}

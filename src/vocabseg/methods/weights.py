@@ -21,13 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, WeightsUnavailableError
+from ..models.clip import HF_HUB_PREFIX
 
 #: the checkpoint format (written by :mod:`vocabseg.train.checkpoint`, read here)
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-HF_HUB_PREFIX = "hf-hub:"
 
 
 @dataclass

@@ -90,19 +90,21 @@ class TextEncoder:
 
     @property
     def cache_file(self) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        return self.cache_dir / "text" / f"{self.key}.safetensors"
+        return self._cache_path(self.key)
 
-    def _check_memory(self) -> None:
-        """Drop in-memory entries computed with other weights."""
+    def _cache_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / "text" / f"{key}.safetensors"
+
+    def _check_memory(self) -> str:
+        """The current key (weights are checked once per call); in-memory entries of other weights are dropped."""
         key = self.key
         if key != self._memory_owner:
             self._memory.clear()
             self._memory_owner = key
+        return key
 
-    def _read_disk(self) -> dict[str, torch.Tensor]:
-        path = self.cache_file
+    @staticmethod
+    def _read_disk(path: Path | None) -> dict[str, torch.Tensor]:
         if path is None or not path.is_file():
             return {}
         try:
@@ -110,28 +112,27 @@ class TextEncoder:
         except (SafetensorError, OSError):  # a corrupt cache is rebuilt, never trusted
             return {}
 
-    def _write_disk(self, entries: dict[str, torch.Tensor]) -> None:
-        path = self.cache_file
+    def _write_disk(self, path: Path | None, entries: dict[str, torch.Tensor]) -> None:
         if path is None:
             return
-        merged = {k: v.contiguous() for k, v in {**self._read_disk(), **entries}.items()}
+        merged = {k: v.contiguous() for k, v in {**self._read_disk(path), **entries}.items()}
         atomic_write(path, lambda f: f.write(save(merged)))  # readers never see half a file
 
     @torch.no_grad()
     def encode(self, names: Sequence[str], per_template: bool = False) -> torch.Tensor:
         """(len(names), D) float32 unit vectors, on the model's device; with ``per_template`` the
         (len(names), P, D) unit embeddings of each template instead of their normalised mean."""
-        self._check_memory()
+        path = self._cache_path(self._check_memory())
         keys = [_digest("per_template", n) if per_template else _digest(n) for n in names]
         missing = [k for k in dict.fromkeys(keys) if k not in self._memory]
         if missing:
-            self._memory.update({k: v for k, v in self._read_disk().items() if k in set(missing)})
+            self._memory.update({k: v for k, v in self._read_disk(path).items() if k in set(missing)})
         todo = [(n, k) for n, k in dict.fromkeys(zip(names, keys)) if k not in self._memory]
         self.last_encoded = len(todo)
         if todo:
             fresh = dict(zip([k for _, k in todo], self._encode_uncached([n for n, _ in todo], per_template)))
             self._memory.update(fresh)
-            self._write_disk(fresh)
+            self._write_disk(path, fresh)
         device = next(self.clip.parameters()).device
         out = torch.stack([self._memory[k] for k in keys]).to(device)
         for k in keys:  # most recently used last; evict from the front
