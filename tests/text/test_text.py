@@ -64,6 +64,21 @@ def test_class_files_in_both_lineage_formats(tmp_path):
         Vocabulary.from_file(tmp_path / "empty.txt")
 
 
+def test_every_class_file_format_reads_the_same_vocabulary(tmp_path):
+    """One reader serves `segment --classes-file` and `eval --classes-file` (JSON, index: name, lines)."""
+    (tmp_path / "cls.json").write_text('["cat", "sofa; couch", "tv monitor"]')
+    (tmp_path / "labels.txt").write_text("2: sofa; couch\n1: cat\n3: tv monitor\n")
+    (tmp_path / "cls.txt").write_text("cat\nsofa, couch\ntv monitor\n")
+    vocabs = [Vocabulary.from_file(tmp_path / f) for f in ("cls.json", "labels.txt", "cls.txt")]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    assert vocabs[0].prompt_names == ["cat", "sofa", "couch", "tv monitor"]
+    (tmp_path / "bad.json").write_text('{"cat": 1}')
+    with pytest.raises(VocabularyError, match="JSON list"):
+        Vocabulary.from_file(tmp_path / "bad.json")
+    with pytest.raises(VocabularyError, match="directory"):
+        Vocabulary.from_file(tmp_path)
+
+
 def test_background_class():
     v = Vocabulary.parse("cat, sofa").with_background(["sky", "wall"])
     assert v.class_names == ["cat", "sofa", "background"]

@@ -6,8 +6,9 @@
 (21, 1449)
 """
 
+from ..text.vocabulary import read_class_file
 from . import pascal5i  # noqa: F401  (registers the PASCAL-5i folds)
-from .classes import ClassSource, packaged_class_file, read_class_file
+from .classes import ClassSource, packaged_class_file
 from .dataset import LABEL_RULES, SegDataset, apply_label_rule
 from .layouts import Layout, Sample
 from .palettes import get_palette

@@ -14,53 +14,20 @@ COCO-Object file lists ``bed`` both as background and as a class, which makes ``
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 from .._names import lookup
 from ..errors import DatasetLayoutError, VocabularyError
-from ..text.vocabulary import Vocabulary
-
-ClassNames = list[list[str]]  # one list of synonyms per class, in label order
-
-
-def _parse_lines(text: str) -> ClassNames:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return [[n.strip() for n in re.split(r"[;,]", ln) if n.strip()] for ln in lines]
+from ..text.vocabulary import ClassNames, Vocabulary, parse_class_lines, read_class_file
 
 
 def packaged_class_file(name: str) -> ClassNames:
     """A class file shipped in ``vocabseg/data/classnames/<name>.txt``."""
     files = {p.name[:-4]: p for p in resources.files(__package__).joinpath("classnames").iterdir()}
     path = lookup({k: v for k, v in files.items() if v.name.endswith(".txt")}, name, "class file")
-    return _parse_lines(path.read_text(encoding="utf-8"))
-
-
-def read_class_file(path: str | os.PathLike) -> ClassNames:
-    """A user's class list, in one of the formats the community ships:
-
-    * text, one class per line, synonyms separated by ``;`` or ``,`` (SCLIP / ProxyCLIP ``cls_*.txt``);
-    * text ``index: name`` lines (PASCAL-Context's ``labels.txt``), ordered by index;
-    * JSON, a list of names (CAT-Seg's ``datasets/*.json``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetLayoutError(f"Class file not found: expected a file at {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        names = json.loads(text)
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise VocabularyError(f"{path}: expected a JSON list of class names")
-        return _parse_lines("\n".join(names))
-    indexed = [re.match(r"^\s*(\d+)\s*:\s*(.+?)\s*$", ln) for ln in text.splitlines() if ln.strip()]
-    if indexed and all(indexed):
-        pairs = sorted((int(m.group(1)), m.group(2)) for m in indexed)
-        return _parse_lines("\n".join(name for _, name in pairs))
-    return _parse_lines(text)
+    return parse_class_lines(path.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 Syntax (command line and Python strings): classes are separated by ``,`` and the synonyms of one
 class by ``;`` — ``"car, road, person; man; woman"`` is three classes, the last with three names.
-Class files hold one class per line; on a line, synonyms are separated by ``;`` or ``,`` (so the
-``, ``-separated ``cls_*.txt`` files of the SCLIP lineage and the ``; ``-separated ones of ProxyCLIP
-both read correctly). A class is displayed by its first name; the background class as "background".
+Class files (:func:`read_class_file`) hold one class per line; on a line, synonyms are separated by
+``;`` or ``,`` (so the ``, ``-separated ``cls_*.txt`` files of the SCLIP lineage and the
+``; ``-separated ones of ProxyCLIP both read correctly); ``index: name`` lines and JSON lists too.
+A class is displayed by its first name; the background class as "background".
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -91,18 +93,8 @@ class Vocabulary:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, background_index: int | None = None) -> Vocabulary:
-        """One class per line; synonyms separated by ``;`` or ``,``. Blank lines are skipped."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise VocabularyError(f"Class file not found: {path}") from None
-        except UnicodeDecodeError as exc:
-            raise VocabularyError(f"Class file {path} is not UTF-8 text: {exc}") from None
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        if not lines:
-            raise VocabularyError(f"Class file {path} has no classes.")
-        return cls.from_list([re.split(r"[;,]", ln) for ln in lines], background_index=background_index)
+        """A class file in any format :func:`read_class_file` reads (the CLI's ``--classes-file``)."""
+        return cls.from_list(read_class_file(path), background_index=background_index)
 
     def with_background(self, names: Sequence[str] = ()) -> Vocabulary:
         """Append a ``background`` class; ``names`` (e.g. ``["sky", "wall"]``) are its text prompts.
@@ -147,6 +139,49 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+
+ClassNames = list[list[str]]  # one list of synonyms per class, in label order
+
+
+def parse_class_lines(text: str) -> ClassNames:
+    """One class per non-blank line, synonyms separated by ``;`` or ``,``."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return [[n.strip() for n in re.split(r"[;,]", ln) if n.strip()] for ln in lines]
+
+
+def read_class_file(path: str | os.PathLike) -> ClassNames:
+    """A class list in one of the formats the community ships (the one reader of class files):
+
+    * text, one class per line, synonyms separated by ``;`` or ``,`` (SCLIP / ProxyCLIP ``cls_*.txt``);
+    * text ``index: name`` lines (PASCAL-Context's ``labels.txt``), ordered by index;
+    * JSON, a list of names (CAT-Seg's ``datasets/*.json``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise VocabularyError(f"Class file {path} is a directory; give a text or JSON file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VocabularyError(f"Class file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise VocabularyError(f"Class file {path} is not UTF-8 text: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise VocabularyError(f"Class file {path} is not valid JSON: {exc}") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise VocabularyError(f"{path}: expected a JSON list of class names")
+        text = "\n".join(names)
+    else:
+        indexed = [re.match(r"^\s*(\d+)\s*:\s*(.+?)\s*$", ln) for ln in text.splitlines() if ln.strip()]
+        if indexed and all(indexed):
+            text = "\n".join(name for _, name in sorted((int(m.group(1)), m.group(2)) for m in indexed))
+    classes = parse_class_lines(text)
+    if not classes:
+        raise VocabularyError(f"Class file {path} has no classes.")
+    return classes
 
 
 def parse_background(background: str | Sequence[str] | None) -> tuple[str, ...]:
