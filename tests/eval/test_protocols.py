@@ -14,7 +14,7 @@ def cfg(protocol, method, benchmark, background=False, **overrides):
 
 
 def test_paper_settings_per_dataset():
-    # training_free.md §2 table
+    # the papers' per-benchmark tables (SCLIP Tab. 1 settings, ClearCLIP, NACLIP, ProxyCLIP)
     c = cfg("paper", "sclip", "voc21", background=True)
     assert (c.short_side, c.crop, c.stride, c.logit_scale) == (336, 224, 112, 65.0)
     assert (c.prob_threshold, c.area_threshold, c.pamr_steps) == (0.1, 0.1, 0)

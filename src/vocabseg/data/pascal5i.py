@@ -1,6 +1,7 @@
 """PASCAL-5i zero-shot episodes (LSeg / Fusioner protocol, HSNet data and lists).
 
-Facts (trained.md §3): VOC classes 1..20 in label order, fold i holds classes 5i+1 .. 5i+5; query
+Facts (Shaban et al., BMVC 2017; the LSeg / Fusioner zero-shot protocol): VOC classes 1..20 in
+label order, fold i holds classes 5i+1 .. 5i+5; query
 images from VOC2012 ``JPEGImages`` with SBD-augmented ``SegmentationClassAug`` masks; an episode is
 an (image, class) pair, scored as a binary mask: a pixel is foreground iff its label is the class,
 255 is ignored, every other label (other unseen classes included) is background.

@@ -1,8 +1,8 @@
 """The benchmark table: every fact about a dataset (layout, classes, labels, palette, split size)
 in one entry, and :func:`build_dataset` to open one by name.
 
-Facts: training_free.md §3 (mmseg datasets of the SCLIP lineage) and trained.md §2.7 / §3 (CAT-Seg's
-PC-459 / A-847, PASCAL-5i).
+Facts: the mmseg dataset configs of the SCLIP lineage (Wang et al., ECCV 2024), CAT-Seg's prepared
+PC-459 / A-847 (Cho et al., CVPR 2024) and the HSNet PASCAL-5i lists (Min et al., ICCV 2021).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""CLIP-Surgery feature adjustment (Li et al. 2024; tried on top of ProxyCLIP in seed 003).
+"""CLIP-Surgery feature adjustment (Li et al., "A Closer Look at the Explainability of Contrastive
+Language-Image Pre-training"; also evaluated on top of ProxyCLIP).
 
 For unit image features f (per pixel), unit text embeddings t_c and CLIP's unit global embedding g:
     w_c = softmax_c(2·g·t_c) / mean_c(...)          (class weights: restrain the obvious classes)

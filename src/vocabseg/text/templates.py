@@ -12,7 +12,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGE
 
 from .._names import lookup
 
-# Beyond-Labels (seed 000), appendix H, as printed: 12 entries, one of them listed twice (kept,
+# Beyond-Labels (Rahman et al., 2025), appendix H, as printed: 12 entries, one of them listed twice (kept,
 # so it carries twice the weight in the average, as in the paper's list).
 BEYOND_LABELS_TEMPLATES = (
     "An image of a {}.",
