@@ -6,12 +6,15 @@ time, and without it every failed hub lookup retries for ~46 s.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ["VOCABSEG_CACHE"] = tempfile.mkdtemp(prefix="vocabseg-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VOCABSEG_CACHE"], ignore_errors=True)
 
 import json  # noqa: E402
 import warnings  # noqa: E402
