@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_CLIP
 
 from vocabseg.cli.eval import expand_benchmarks
 from vocabseg.cli.main import main
@@ -81,3 +82,39 @@ def test_pascal5i_folds(tmp_path, model_args, capsys):
     md = (run / "result.md").read_text()
     assert "HSNet's 1000 episodes" in md and "FB-IoU" in md and "| bus |" in md
     assert "settings | short side 64" in md and "prob threshold 0.1" in md  # SCLIP's VOC21 paper threshold
+
+
+def test_random_weights_are_seeded_so_a_rerun_resumes(tmp_path, capsys):
+    """--pretrained none draws the same weights for the same --seed (default 0): the same run folder,
+    and a rerun computes nothing; another seed draws other weights, so another run folder."""
+    data = write_synthetic("voc21", tmp_path / "data", num_images=2, seed=3)
+    out = tmp_path / "out"
+    command = ["eval", "-b", "voc21", "--data-root", str(data), "-o", str(out), "--model", TINY_CLIP,
+               "--pretrained", "none", "--method", "sclip", "--templates", "name", "--short-side", "64",
+               "--crop", "32", "--stride", "16", "--no-progress"]  # fmt: skip
+    assert main([*command, "--seed", "0"]) == 0
+    (run,) = (out / "voc21").iterdir()
+    first = json.loads((run / "result.json").read_text())
+    assert (first["computed"], first["resumed"], first["seed"]) == (2, 0, 0)
+    assert main(command) == 0  # the default seed is 0, and the global RNGs have moved on since
+    assert list((out / "voc21").iterdir()) == [run]
+    again = json.loads((run / "result.json").read_text())
+    assert (again["computed"], again["resumed"]) == (0, 2) and again["metrics"] == first["metrics"]
+    assert "seed 0, run id" in (run / "result.md").read_text()
+
+    assert main([*command, "--seed", "1"]) == 0
+    (other,) = set((out / "voc21").iterdir()) - {run}
+    weights = [json.loads((r / "run.json").read_text())["weights"] for r in (run, other)]
+    assert weights[0] != weights[1]
+    result = json.loads((other / "result.json").read_text())
+    assert (result["computed"], result["resumed"], result["seed"]) == (2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("-1", "between 0 and 2**63 - 1, not -1"), ("x", "an integer, not 'x'")]
+)
+def test_seed_must_be_a_non_negative_integer(value, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--seed", value, "--list"])
+    assert exc.value.code == 2
+    assert f"argument --seed: must be {message}" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+from conftest import TINY_CLIP
 
 from vocabseg import Segmenter
 from vocabseg.data import build_dataset
@@ -64,6 +65,32 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_clip_dir):
     # and a single process resumes from the records of the sharded run without recomputing
     resumed = _evaluate(tiny_clip_dir, data, tmp_path / "ddp")
     assert resumed.info["computed"] == 0 and torch.equal(resumed.accumulator, single.accumulator)
+
+
+def _cli_worker(rank, world_size, port, argv):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    import conftest  # noqa: F401  (registers the tiny model's config in this fresh process)
+
+    from vocabseg.cli.main import main
+
+    main(argv)  # a torchrun worker: ends the process with exit_process(code)
+
+
+def test_random_weights_are_the_same_in_every_process(tmp_path):
+    """--pretrained none: each rank seeds before building, so both draw the same weights and write
+    one run folder (without the seed each process drew its own weights, hence its own run id)."""
+    data = write_synthetic("voc21", tmp_path / "data", num_images=3, seed=4)
+    argv = ["eval", "-b", "voc21", "--data-root", str(data), "-o", str(tmp_path / "out"), "--model", TINY_CLIP,
+            "--pretrained", "none", "--method", "sclip", "--templates", "name", "--short-side", "64", "--crop", "32",
+            "--stride", "16", "--no-progress", "--seed", "5"]  # fmt: skip
+    mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    (run,) = (tmp_path / "out" / "voc21").iterdir()
+    assert len(list((run / "records").glob("*.json"))) == 3
+    result = json.loads((run / "result.json").read_text())
+    assert (result["world_size"], result["computed"], result["seed"]) == (2, 3, 5)
 
 
 def test_world_info_from_torchrun_environment(monkeypatch):

@@ -59,6 +59,11 @@ class OracleSegmenter:
         return out
 
 
+def strict_json(path) -> object:
+    """``path`` parsed as strict JSON: ``NaN`` / ``Infinity`` (which ``json.loads`` accepts) raise."""
+    return json.loads(path.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
 def same(a: dict, b: dict) -> bool:
     """Equal metric dicts, NaN included (compared by their exact JSON text)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -140,9 +145,11 @@ def test_records_are_sparse_json_and_checked(tmp_path):
     record = json.loads(store.path("city/a b").read_text())
     assert record == {"id": "city/a b", "shape": [3, 3], "index": [0, 5], "count": [4, 1]}
     assert torch.equal(store.load(["city/a b", "missing"])["city/a b"], counts)
-    assert RecordStore(tmp_path, (2, 2)).load(["city/a b"]) == {}  # another shape: not reused
+    with pytest.warns(UserWarning, match=r"city%2Fa%20b.json: shape \[3, 3\], not the benchmark's \[2, 2\]"):
+        assert RecordStore(tmp_path, (2, 2)).load(["city/a b"]) == {}  # another shape: not reused
     store.path("x").write_text("{truncated")
-    assert "x" not in store.load(["x"])
+    with pytest.warns(UserWarning, match=r"x.json: unreadable"):
+        assert "x" not in store.load(["x"])
 
 
 def test_predictions_reports_and_limit(tmp_path, tiny_segmenter):
@@ -158,11 +165,36 @@ def test_predictions_reports_and_limit(tmp_path, tiny_segmenter):
     assert data["benchmark"] == "cityscapes" and data["protocol"]["name"] == "paper" and data["limit"] == 2
     assert data["settings"]["short_side"] == 64 and data["protocol"]["overrides"] == SMALL
     assert data["metrics"]["mIoU"] == pytest.approx(result.miou)
-    assert None in data["metrics"]["IoU"] or all(v is not None for v in data["metrics"]["IoU"])  # NaN -> null
     md = (result.run_dir / "result_limit2.md").read_text()
     assert "wangf3014/SCLIP" in md and "short side 64" in md and "mmseg IoUMetric" in md and "| road |" in md
     summary = write_summary(tmp_path / "out").read_text()
     assert "| sclip | custom | paper+overrides |" in summary and f"{100 * result.miou:.2f}*" in summary
+
+    # a class absent from both labels is not scored: null (never NaN) in every JSON file written
+    present = set().union(*(np.unique(ds.read_label(s)).tolist() for s in ds.limited(2)))
+    absent = min(set(range(ds.num_classes)) - present)  # 0 (road) with these labels
+    written = sorted((tmp_path / "out").rglob("*.json"))
+    assert {p.name for p in written} >= {"run.json", "result_limit2.json", "summary.json"}
+    assert len([p for p in written if p.parent.name == "records"]) == 2
+    parsed = {p: strict_json(p) for p in written}
+    result_json = parsed[result.run_dir / "result_limit2.json"]
+    d2 = result_json["all_metrics"]["detectron2"]
+    assert d2["IoU"][absent] is None and d2["Acc"][absent] is None and result_json["metrics"]["Acc"][absent] is None
+    assert parsed[tmp_path / "out" / "summary.json"][0]["all_metrics"]["detectron2"]["IoU"][absent] is None
+    row = next(line for line in md.splitlines() if line.startswith(f"| {ds.class_names[absent]} |"))
+    assert row.endswith("| - |")  # its Acc: not scored
+
+
+def test_summary_json_is_strict_over_results_of_older_versions(tmp_path):
+    """``json.loads`` accepts the NaN tokens older versions wrote; the summary must not pass them on."""
+    run_dir = tmp_path / "voc21" / "sclip-0123456789ab"
+    run_dir.mkdir(parents=True)
+    old = {"benchmark": "voc21", "method": "sclip", "model": "ViT-B-16", "row_id": "r", "limit": None,
+           "protocol": {"label": "paper"}, "metrics": {"mIoU": 0.5, "IoU": [0.5, float("nan")]}}  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(old))
+    assert "NaN" in (run_dir / "result.json").read_text()
+    write_summary(tmp_path)
+    assert strict_json(tmp_path / "summary.json")[0]["metrics"]["IoU"] == [0.5, None]
 
 
 def test_episodes_through_the_runner(tmp_path):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DatasetLayoutError, VocabsegError
 from .common import add_model_options, run_distributed, segmenter_from_args, settings_from_args
+
+if TYPE_CHECKING:
+    from ..segmenter import Segmenter
 
 BENCHMARK_GROUPS = {
     "all": "the 8 standard training-free benchmarks",
@@ -25,6 +29,16 @@ DATASET_OPTIONS = {
 }
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+    if not 0 <= value < 2**63:  # within torch.manual_seed's range
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, not {text}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..data.pascal5i import EPISODE_POLICIES
     from ..eval.metrics import CONVENTIONS
@@ -32,7 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a method on segmentation benchmarks (mIoU)",
         description="Evaluate on the community's benchmarks under a stated protocol. Writes OUT/<benchmark>/"
         "<method>-<run id>/ (result.json, result.md with per-class IoU, per-image records that make an "
         "interrupted run resume) and OUT/summary.md (method x benchmark). Runs sharded under torchrun.",
@@ -48,6 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", type=Path, default=Path("results"), help="output folder (default: results/)")
     p.add_argument("--save-predictions", action="store_true", help="write each prediction as a palette PNG")
     p.add_argument("--images-per-batch", type=int, default=2, help="images whose windows share forward passes")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of every random initialisation (--pretrained none, --weights none, --vfm-pretrained none), "
+        "so a rerun draws the same weights and resumes (default: 0)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     d = p.add_argument_group("dataset options")
@@ -119,13 +139,26 @@ def run(args: argparse.Namespace) -> int:
     return run_distributed(args.device, job)
 
 
+def seeded_segmenter(args: argparse.Namespace) -> Segmenter:
+    """The segmenter of ``args``, with torch, NumPy and Python's RNGs seeded with ``args.seed`` right
+    before it is built: random weights are then the same in every process of a sharded run and in
+    every rerun, so the weights fingerprint, hence the run folder, is the same and a rerun resumes."""
+    import numpy as np
+    import torch
+
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
+    return segmenter_from_args(args)
+
+
 def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str, Any]], is_main: bool) -> int:
     from ..data import build_dataset
     from ..eval import evaluate, write_summary
 
     say = print if is_main else (lambda *a, **k: None)
     per_fold = isinstance(args.weights, str) and "{fold}" in args.weights
-    seg = None if per_fold else segmenter_from_args(args)
+    seg = None if per_fold else seeded_segmenter(args)
     overrides = settings_from_args(args)
     done, missing = 0, []
     for name in names:
@@ -143,7 +176,7 @@ def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str
             fold = getattr(dataset, "fold", None)
             if fold is None:
                 raise VocabsegError(f"--weights with {{fold}} applies to PASCAL-5i folds, not to {name}.")
-            seg = segmenter_from_args(argparse.Namespace(**{**vars(args), "weights": args.weights.format(fold=fold)}))
+            seg = seeded_segmenter(argparse.Namespace(**{**vars(args), "weights": args.weights.format(fold=fold)}))
         result = evaluate(
             seg,
             dataset,
@@ -155,6 +188,7 @@ def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str
             save_predictions=args.save_predictions,
             images_per_batch=args.images_per_batch,
             progress=not args.no_progress,
+            seed=args.seed,
         )
         done += 1
         extra = f", FB-IoU {100 * result.metrics['FB-IoU']:.2f}" if "FB-IoU" in result.metrics else ""

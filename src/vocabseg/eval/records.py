@@ -7,14 +7,19 @@ setting (not the batch size, not the device). A changed configuration therefore 
 and never reuses stale records; the same configuration finds its records and skips those images.
 
 Each image's confusion counts are one small JSON file (sparse: non-zero entries only), written to a
-temporary name and renamed, so a record is either complete or absent.
+temporary name and renamed, so a record is either complete or absent. A record is still checked when
+it is loaded (a disk error, a hand edit, a file copied from elsewhere): one that cannot be the counts
+of that image is recomputed, with one warning line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -23,8 +28,8 @@ import torch
 
 from .. import __version__
 from ..data.dataset import SegDataset
-from ..data.files import atomic_write_text
 from ..inference.config import InferenceConfig
+from ..io.files import atomic_write_text
 from ..models.fingerprint import weights_fingerprint
 
 if TYPE_CHECKING:
@@ -73,6 +78,65 @@ def run_id(identity: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+#: the largest count sum an int64 accumulator takes without overflow (records without ``pixels``)
+_INT64_MAX = 2**63 - 1
+
+#: ``check(sample_id, counts)``: why these counts cannot be that sample's, or ``None``
+RecordCheck = Callable[[str, torch.Tensor], str | None]
+
+
+class InvalidRecord(ValueError):
+    """A record file whose content cannot be the counts of its image (it is recomputed)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise InvalidRecord(f"{what} is not a list of integers")
+    return value
+
+
+def parse_record(record: Any, sample_id: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense counts of a record, after checking that they can be one image's confusion counts:
+    the right sample and shape (number of classes), integer flat indices in range and not repeated,
+    non-negative integer counts, and (where the record stores the image's pixel count) no more
+    counted pixels than the image has. Non-negative counts of a confusion matrix also make every
+    class's intersection at most its union and its ground-truth and predicted areas at most the total.
+
+    Raises:
+        InvalidRecord: the first problem found.
+    """
+    if not isinstance(record, dict):
+        raise InvalidRecord("not a JSON object")
+    if record.get("id") != sample_id:
+        raise InvalidRecord(f"it holds the id {record.get('id')!r}")
+    if record.get("shape") != list(shape):
+        raise InvalidRecord(f"shape {record.get('shape')}, not the benchmark's {list(shape)}")
+    index, count = _int_list(record.get("index"), "index"), _int_list(record.get("count"), "count")
+    if len(index) != len(count):
+        raise InvalidRecord(f"{len(index)} indices but {len(count)} counts")
+    size = math.prod(shape)
+    if index and (min(index) < 0 or max(index) >= size):
+        raise InvalidRecord(f"an index is outside 0..{size - 1}: {min(index)}..{max(index)}")
+    if len(set(index)) != len(index):
+        raise InvalidRecord("an index is repeated")
+    if count and min(count) < 0:
+        raise InvalidRecord(f"a count is negative: {min(count)}")
+    total, pixels = sum(count), record.get("pixels")
+    if pixels is not None and not (_is_int(pixels) and pixels >= 0):
+        raise InvalidRecord(f"pixels is {pixels!r}, not a non-negative integer")
+    if pixels is not None and total > pixels:
+        raise InvalidRecord(f"{total} pixels counted, more than the image's {pixels}")
+    if total > _INT64_MAX:
+        raise InvalidRecord(f"{total} pixels counted, more than an int64 holds")
+    flat = torch.zeros(size, dtype=torch.int64)
+    flat[torch.tensor(index, dtype=torch.int64)] = torch.tensor(count, dtype=torch.int64)
+    return flat.view(shape)
+
+
 class RecordStore:
     """One JSON record per sample id under ``run_dir/records``: the sample's accumulator entries."""
 
@@ -83,14 +147,19 @@ class RecordStore:
     def path(self, sample_id: str) -> Path:
         return self.dir / f"{quote(sample_id, safe='')}.json"
 
-    def save(self, sample_id: str, counts: torch.Tensor) -> None:
+    def save(self, sample_id: str, counts: torch.Tensor, pixels: int | None = None) -> None:
+        """``pixels``: the image's pixel count, an upper bound on the counts' sum checked on load."""
         flat = counts.reshape(-1)
         index = torch.nonzero(flat).flatten()
         record = {"id": sample_id, "shape": list(self.shape), "index": index.tolist(), "count": flat[index].tolist()}
-        atomic_write_text(self.path(sample_id), json.dumps(record, separators=(",", ":")))
+        if pixels is not None:
+            record["pixels"] = int(pixels)
+        atomic_write_text(self.path(sample_id), json.dumps(record, separators=(",", ":"), allow_nan=False))
 
-    def load(self, sample_ids: list[str]) -> dict[str, torch.Tensor]:
-        """The stored records among ``sample_ids`` (records of other shapes or ids are ignored)."""
+    def load(self, sample_ids: Sequence[str], check: RecordCheck | None = None) -> dict[str, torch.Tensor]:
+        """The valid stored records among ``sample_ids``. A record that is unreadable, truncated, of
+        another shape or sample, inconsistent (:func:`parse_record`) or refused by ``check`` is left
+        out, so it is recomputed, with one warning naming the file."""
         if not self.dir.is_dir():
             return {}
         present = {p.name for p in self.dir.iterdir() if p.suffix == ".json"}
@@ -100,12 +169,16 @@ class RecordStore:
             if path.name not in present:
                 continue
             try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # unreadable: recompute it
-            if record.get("id") != sample_id or tuple(record.get("shape", ())) != self.shape:
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise InvalidRecord(f"unreadable ({exc})") from exc
+                counts = parse_record(record, sample_id, self.shape)
+                reason = check(sample_id, counts) if check is not None else None
+                if reason is not None:
+                    raise InvalidRecord(reason)
+            except InvalidRecord as exc:
+                warnings.warn(f"recomputing the invalid record {path}: {exc}.", stacklevel=2)
                 continue
-            flat = torch.zeros(int(torch.tensor(self.shape).prod()), dtype=torch.int64)
-            flat[torch.tensor(record["index"], dtype=torch.int64)] = torch.tensor(record["count"], dtype=torch.int64)
-            found[sample_id] = flat.view(self.shape)
+            found[sample_id] = counts
         return found

@@ -3,7 +3,8 @@ summary table over every result in an output folder (the papers' table layout).
 
 Every report states the protocol, the full settings and the metric convention, so a number always
 says how it was made. Metrics are written in percent with two decimals; ``-`` marks a class that is
-not scored (NaN: no pixels in the ground truth, and for mmseg none predicted either).
+not scored (NaN: no pixels in the ground truth, and for mmseg none predicted either), ``null`` in the
+JSON files, which are strict JSON (``allow_nan=False``: no ``NaN`` token other parsers refuse).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.files import atomic_write_text
 from ..data.registry import STANDARD_BENCHMARKS
+from ..io.files import atomic_write_text
 
 if TYPE_CHECKING:
     from .runner import EvalResult
@@ -28,8 +29,8 @@ CONVENTION_TEXT = {
 
 
 def _json_safe(obj: Any) -> Any:
-    """NaN -> null (JSON has no NaN), recursively."""
-    if isinstance(obj, float) and math.isnan(obj):
+    """NaN and infinities -> null (JSON has neither), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
@@ -91,7 +92,8 @@ def format_markdown(result: EvalResult) -> str:
         f"| metric convention | {CONVENTION_TEXT[info['convention']]} |",
         f"| run | {info['num_evaluated']} samples" + (f" (limit {info['limit']})" if info["limit"] is not None else "")
         + f", {info['computed']} computed, {info['resumed']} resumed, {info['world_size']} process(es), "
-        f"run id {info['run_id']} |",
+        + (f"seed {info['seed']}, " if info.get("seed") is not None else "")
+        + f"run id {info['run_id']} |",
     ]  # fmt: skip
     lines += [f"| note | {n} |" for n in ds["notes"]]
     lines.append("")
@@ -112,12 +114,13 @@ def format_markdown(result: EvalResult) -> str:
 
 def write_run_identity(run_dir: str | os.PathLike, identity: dict[str, Any]) -> None:
     """``run.json``: what the run id hashes (which model, settings and classes the records belong to)."""
-    atomic_write_text(Path(run_dir) / "run.json", json.dumps(identity, indent=2, default=str))
+    text = json.dumps(_json_safe(identity), indent=2, default=str, allow_nan=False)
+    atomic_write_text(Path(run_dir) / "run.json", text)
 
 
 def write_result(result: EvalResult) -> None:
     stem = result_stem(result.info["limit"])
-    atomic_write_text(result.run_dir / f"{stem}.json", json.dumps(result_to_json(result), indent=2))
+    atomic_write_text(result.run_dir / f"{stem}.json", json.dumps(result_to_json(result), indent=2, allow_nan=False))
     atomic_write_text(result.run_dir / f"{stem}.md", format_markdown(result))
 
 
@@ -130,7 +133,7 @@ def _load_results(out_dir: Path) -> list[dict[str, Any]]:
         path = full if full.is_file() else (limited[-1] if limited else None)
         if path is not None:
             try:
-                results.append(json.loads(path.read_text()))
+                results.append(_json_safe(json.loads(path.read_text())))  # older versions wrote NaN
             except (OSError, json.JSONDecodeError):
                 continue
     return results
@@ -196,5 +199,5 @@ def write_summary(out_dir: str | os.PathLike) -> Path | None:
     if not results:
         return None
     atomic_write_text(out_dir / "summary.md", summary_table(results) + pascal5i_table(results))
-    atomic_write_text(out_dir / "summary.json", json.dumps(results, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(results, indent=2, allow_nan=False))
     return out_dir / "summary.md"

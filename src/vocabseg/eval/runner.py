@@ -51,6 +51,9 @@ class SemanticScorer:
     def running(self, acc: torch.Tensor) -> float:
         return segmentation_metrics(acc, "mmseg")["mIoU"]
 
+    def check(self, counts: torch.Tensor, sample: Sample) -> str | None:
+        return None  # any non-negative (C, C) counts can be an image's (checked by the record store)
+
 
 class EpisodeScorer:
     """PASCAL-5i: a (background, class) confusion matrix per fold class, summed over its episodes."""
@@ -68,6 +71,12 @@ class EpisodeScorer:
 
     def running(self, acc: torch.Tensor) -> float:
         return episode_metrics(acc)["mIoU"]
+
+    def check(self, counts: torch.Tensor, sample: Sample) -> str | None:
+        """An episode counts towards its own class only."""
+        slots = counts.flatten(1).any(dim=1).nonzero().flatten().tolist()
+        wrong = [k for k in slots if k != int(sample.group)]
+        return f"counts for fold class {wrong[0]} in an episode of class {sample.group}" if wrong else None
 
 
 SCORERS = {"semantic": SemanticScorer, "episodes": EpisodeScorer}
@@ -127,6 +136,7 @@ def evaluate(
     images_per_batch: int = 2,
     progress: bool = True,
     shard: bool = True,
+    seed: int | None = None,
 ) -> EvalResult:
     """Evaluate ``segmenter`` on ``dataset`` (any object with ``predict_arrays``, ``describe``,
     ``spec``, ``clip``, ``method``, ``templates``, ``dtype`` and ``device`` will do).
@@ -146,6 +156,8 @@ def evaluate(
         images_per_batch: images whose windows share forward passes.
         shard: under torchrun, split the samples across processes (every process must call). With
             ``False`` this process evaluates everything alone (validation on one rank of a training run).
+        seed: the seed ``segmenter``'s random weights were drawn with, if any; only recorded in the
+            reports (the records are keyed by the weights themselves, see :func:`~.records.run_identity`).
     """
     lookup(CONVENTIONS, convention, "metric convention")
     if save_predictions and out_dir is None:
@@ -164,7 +176,12 @@ def evaluate(
     store = RecordStore(run_dir, scorer.shape) if run_dir is not None else None
     if run_dir is not None and world.is_main:
         write_run_identity(run_dir, identity)
-    done = store.load([s.id for s in part]) if store is not None else {}
+    by_id = {s.id: s for s in part}
+
+    def check(sample_id: str, counts: torch.Tensor) -> str | None:
+        return scorer.check(counts, by_id[sample_id])
+
+    done = store.load(list(by_id), check) if store is not None else {}
     acc = torch.zeros(scorer.shape, dtype=torch.int64)
     for s in part:
         if s.id in done:
@@ -190,7 +207,7 @@ def evaluate(
         for s, label, res in zip(batch, labels, results):
             counts = scorer.counts(np.asarray(res.labels), label, s)
             if store is not None:
-                store.save(s.id, counts)
+                store.save(s.id, counts, pixels=label.size)
             if palette is not None:
                 save_label_png(run_dir / "predictions" / f"{s.id}.png", res.labels, palette)
             acc += s.weight * counts
@@ -214,6 +231,7 @@ def evaluate(
         "computed": int(computed),
         "resumed": int(resumed),
         "world_size": world.world_size,
+        "seed": seed,
         "seconds": round(seconds, 3),
         "images_per_second": round(computed / seconds, 3) if computed and seconds > 0 else None,
         "run_id": rid,
