@@ -96,7 +96,7 @@ def test_unknown_names_list_the_choices():
         load_clip("ViT-B-61", pretrained=None)
     with pytest.raises(UnknownNameError, match="Unknown pretrained tag for ViT-B-16 'opneai'.*openai"):
         load_clip("ViT-B-16", pretrained="opneai")
-    with pytest.raises(FileNotFoundError, match="Checkpoint file not found"):
+    with pytest.raises(WeightsUnavailableError, match="checkpoint file not found"):
         load_clip(TINY_CLIP, pretrained="/nonexistent/weights.safetensors")
 
 
@@ -108,7 +108,7 @@ def test_local_dir_without_weights(tmp_path, tiny_clip_dir):
         load_clip(f"local-dir:{folder}")
     with pytest.warns(UserWarning, match="RANDOM"):
         load_clip(f"local-dir:{folder}", pretrained=None)
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    with pytest.raises(WeightsUnavailableError, match="open_clip_config.json"):
         load_clip(f"local-dir:{tmp_path}")
 
 

@@ -23,7 +23,8 @@ def test_defaults_bind_to_loopback():
 
 
 def test_factory_uses_the_model_flags_and_gives_the_vfm_only_to_proxyclip(tiny_clip_dir):
-    args = parse("--model", f"local-dir:{tiny_clip_dir}", "--vfm", "dino_vitb8", "--short-side", "64", "--crop", "32")
+    args = parse("--model", f"local-dir:{tiny_clip_dir}", "--vfm", "dino_vitb8", "--short-side", "64", "--crop", "32",
+                 "--stride", "16")  # fmt: skip
     segmenter = segmenter_factory(args)("sclip")  # would raise "does not use a VFM" if --vfm were passed on
     assert segmenter.spec.name == "sclip"
     assert (segmenter.config.short_side, segmenter.config.crop) == (64, 32)
@@ -41,7 +42,7 @@ def test_factory_gives_the_weights_only_to_the_trained_method(tiny_clip_dir):
 
 def test_unloadable_default_method_fails_before_serving(tiny_clip_dir, capsys):
     pytest.importorskip("gradio", reason="the web extra is not installed")
-    code = main(["serve", "--method", "proxyclip", "--model", f"local-dir:{tiny_clip_dir}", "--port", "1"])
+    code = main(["serve", "--method", "proxyclip", "--model", f"local-dir:{tiny_clip_dir}", "--port", "0"])
     assert code == 2
     err = capsys.readouterr().err
     assert "Method 'proxyclip' is unavailable here" in err and "dino_vitb8" in err
@@ -77,6 +78,7 @@ def test_config_is_checked_and_printed():
     with pytest.raises(ValueError, match="queue_size=-1"):
         ServeConfig(queue_size=-1)
     text = ServeConfig(max_upload_bytes=1000, max_pixels=2_000_000, workers=2, queue_size=3).limits_text()
-    assert (
-        text == "upload limit 1,000 bytes, image limit 2,000,000 pixels, at most 100 classes; 2 worker(s), queue of 3"
+    assert text == (
+        "upload limit 1,000 bytes, image limit 2,000,000 pixels, at most 100 classes and 200 names of 200 "
+        "characters, 300 s per request; 2 worker(s), queue of 3"
     )

@@ -2,11 +2,17 @@
 
 Every number that changes a segmentation (resize, window, temperature, thresholds, refinement) is a
 field here, so a method's defaults are data attached to its registration, a benchmark protocol is a
-set of overrides, and a result can always report exactly how it was made.
+set of overrides, and a result can always report exactly how it was made. Each field carries its
+help text and its allowed values as metadata: the checks, the error messages, the class's
+documentation and the command line's ``--help`` are all made from it.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -15,62 +21,127 @@ from ..errors import SettingsError
 #: the ways logits become probabilities (see :func:`vocabseg.inference.postprocess.class_probabilities`)
 SCORES = ("softmax", "sigmoid")
 
+#: the largest ``pad_multiple``. ProxyCLIP needs 56 (its VFM grid); padding every window to a multiple
+#: of more than 1024 px would make each forward pass mostly zeros and its memory unbounded.
+MAX_PAD_MULTIPLE = 1024
+
+
+def option_flag(name: str) -> str:
+    """The command-line spelling of a setting (``crop_size`` -> ``--crop-size``), for help and errors."""
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _setting(default: Any, help: str, allowed: str, valid: Callable[[Any], bool]) -> Any:
+    """A field with its help text, a description of its allowed values, and the check of them."""
+    return field(default=default, metadata={"help": help, "allowed": allowed, "valid": valid})
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
     """How an image is turned into class probabilities (the SCLIP-lineage "shared skeleton").
 
-    Attributes:
-        short_side: the image is resized so its short side is this many pixels (0: keep size),
-            unless the long side would then exceed ``max_long_side`` (mmseg ``Resize(scale=(2048, S))``).
-        max_long_side: upper bound on the resized long side.
-        crop: sliding-window size in pixels; 0 runs the whole image in one forward pass.
-        stride: sliding-window stride in pixels.
-        logit_scale: temperature applied to the method's logits (cosine similarities) before scoring.
-        score: how scaled logits become probabilities: ``softmax`` over all names jointly (the
-            SCLIP lineage) or ``sigmoid`` per name, independent binary scores (Beyond-Labels; with
-            ``prob_threshold`` 0.5 this is its "argmax over [background = 0.5, sigmoid]" rule).
-        prob_threshold: pixels whose best class probability is below this go to the background
-            class (0 disables; only meaningful when the vocabulary has a background class).
-        area_threshold: foreground classes covering less than this fraction of the foreground are
-            dropped (SCLIP); 0 disables.
-        pamr_steps: iterations of PAMR refinement (0 disables).
-        pamr_dilations: PAMR neighbourhood dilations.
-        pad_multiple: each window is zero-padded (centred) to a multiple of this (ProxyCLIP: 56).
-        batch_size: how many windows go through the model at once.
+    The field defaults are the SCLIP lineage's settings (short side 336, 224-px windows with stride
+    112, logit scale 40); a method's registration passes only what it changes. Invalid values raise
+    :class:`~vocabseg.errors.SettingsError` naming the setting, its flag and the allowed values.
     """
 
-    short_side: int = 336
-    max_long_side: int = 2048
-    crop: int = 224
-    stride: int = 112
-    logit_scale: float = 40.0
-    score: str = "softmax"
-    prob_threshold: float = 0.0
-    area_threshold: float = 0.0
-    pamr_steps: int = 0
-    pamr_dilations: tuple[int, ...] = field(default=(8, 16))
-    pad_multiple: int = 0
-    batch_size: int = 16
+    short_side: int = _setting(
+        336,
+        "resize so the short side has this many pixels, unless the long side would then exceed "
+        "max_long_side (mmseg Resize(scale=(2048, S)))",
+        "an integer >= 0 (0: keep the size)",
+        lambda v: _is_int(v) and v >= 0,
+    )
+    max_long_side: int = _setting(
+        2048, "cap on the resized long side", "an integer > 0", lambda v: _is_int(v) and v > 0
+    )
+    crop: int = _setting(
+        224,
+        "sliding-window size in pixels",
+        "an integer >= 0 (0: the whole image in one forward pass)",
+        lambda v: _is_int(v) and v >= 0,
+    )
+    stride: int = _setting(
+        112,
+        "sliding-window stride in pixels",
+        "an integer > 0, at most crop when crop > 0",
+        lambda v: _is_int(v) and v > 0,
+    )
+    logit_scale: float = _setting(
+        40.0,
+        "temperature applied to the method's logits (cosine similarities) before scoring",
+        "a finite number > 0",
+        lambda v: _is_number(v) and v > 0,
+    )
+    score: str = _setting(
+        "softmax",
+        "how scaled logits become probabilities: softmax over all names jointly (the SCLIP lineage) or "
+        "sigmoid per name, independent binary scores (Beyond-Labels; with prob_threshold 0.5 this is its "
+        "argmax over [background = 0.5, sigmoid] rule)",
+        f"one of {', '.join(SCORES)}",
+        lambda v: v in SCORES,
+    )
+    prob_threshold: float = _setting(
+        0.0,
+        "pixels whose best class probability is below this go to the background class (only meaningful "
+        "when the vocabulary has a background class)",
+        "a number from 0 (off) to 1",
+        lambda v: _is_number(v) and 0.0 <= v <= 1.0,
+    )
+    area_threshold: float = _setting(
+        0.0,
+        "foreground classes covering less than this fraction of the foreground are dropped (SCLIP)",
+        "a number from 0 (off) to 1",
+        lambda v: _is_number(v) and 0.0 <= v <= 1.0,
+    )
+    pamr_steps: int = _setting(
+        0, "iterations of PAMR refinement", "an integer >= 0 (0: off)", lambda v: _is_int(v) and v >= 0
+    )
+    pamr_dilations: tuple[int, ...] = _setting(
+        (8, 16),
+        "PAMR neighbourhood dilations",
+        "one or more integers > 0",
+        lambda v: isinstance(v, tuple) and len(v) > 0 and all(_is_int(d) and d > 0 for d in v),
+    )
+    pad_multiple: int = _setting(
+        0,
+        "each window is zero-padded (centred) to a multiple of this (ProxyCLIP: 56)",
+        f"an integer from 0 (off) to {MAX_PAD_MULTIPLE}",
+        lambda v: _is_int(v) and 0 <= v <= MAX_PAD_MULTIPLE,
+    )
+    batch_size: int = _setting(
+        16, "how many windows go through the model at once", "an integer > 0", lambda v: _is_int(v) and v > 0
+    )
 
     def __post_init__(self) -> None:
-        checks = {
-            "short_side": self.short_side >= 0,
-            "max_long_side": self.max_long_side > 0,
-            "crop": self.crop >= 0,
-            "stride": self.stride > 0,
-            "logit_scale": self.logit_scale > 0,
-            "score": self.score in SCORES,
-            "prob_threshold": 0.0 <= self.prob_threshold <= 1.0,
-            "area_threshold": 0.0 <= self.area_threshold <= 1.0,
-            "pamr_steps": self.pamr_steps >= 0,
-            "pamr_dilations": all(d > 0 for d in self.pamr_dilations),
-            "pad_multiple": self.pad_multiple >= 0,
-            "batch_size": self.batch_size > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise SettingsError(f"Invalid inference setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if isinstance(self.pamr_dilations, list):  # from JSON or a command line
+            object.__setattr__(self, "pamr_dilations", tuple(self.pamr_dilations))
+        problems = [
+            f"{f.name}={getattr(self, f.name)!r} ({option_flag(f.name)}) must be {f.metadata['allowed']}"
+            for f in fields(self)
+            if not f.metadata["valid"](getattr(self, f.name))
+        ]
+        if not problems and 0 < self.crop < self.stride:  # windows further apart than wide leave gaps
+            problems.append(
+                f"stride={self.stride!r} ({option_flag('stride')}) must not exceed crop={self.crop!r} "
+                f"({option_flag('crop')}): pixels between windows would get no prediction"
+            )
+        if problems:
+            raise SettingsError("Invalid inference setting: " + "; ".join(problems) + ".")
+        for f in fields(self):  # numpy scalars -> Python numbers, so results serialise to JSON
+            value = getattr(self, f.name)
+            if isinstance(f.default, (int, float)) and not isinstance(value, type(f.default)):
+                object.__setattr__(self, f.name, type(f.default)(value))
+            elif f.name == "pamr_dilations":
+                object.__setattr__(self, f.name, tuple(int(d) for d in value))
 
     def updated(self, **overrides: Any) -> InferenceConfig:
         """A copy with the given fields replaced; ``None`` values are ignored (keep the default)."""
@@ -78,10 +149,26 @@ class InferenceConfig:
         unknown = set(overrides) - names
         if unknown:
             raise TypeError(f"Unknown inference setting(s): {', '.join(sorted(unknown))}")
-        given = {k: (tuple(v) if k == "pamr_dilations" else v) for k, v in overrides.items() if v is not None}
-        return replace(self, **given)
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pamr_dilations"] = list(self.pamr_dilations)
         return d
+
+
+def _document_fields(cls: type) -> None:
+    """Append the ``Attributes`` section, made from the fields' metadata, to the class docstring."""
+    lines = [
+        textwrap.fill(
+            f"{f.name}: {f.metadata['help']}. Allowed: {f.metadata['allowed']}.",
+            100,
+            initial_indent=" " * 8,
+            subsequent_indent=" " * 12,
+        )
+        for f in fields(cls)
+    ]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Attributes:\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(InferenceConfig)

@@ -11,7 +11,7 @@ from .registry import register_method
 
 @register_method(
     "clip",
-    defaults=InferenceConfig(short_side=336, crop=224, stride=112, logit_scale=40.0),
+    defaults=InferenceConfig(),  # the SCLIP-lineage defaults
     summary="Vanilla CLIP patch tokens (baseline).",
     reference="Radford et al., ICML 2021",
 )

@@ -17,7 +17,7 @@ from .registry import PaperSettings, register_method
 
 @register_method(
     "maskclip",
-    defaults=InferenceConfig(short_side=512, crop=0, stride=112, logit_scale=100.0),
+    defaults=InferenceConfig(short_side=512, crop=0, logit_scale=100.0),
     summary="Value path only (attention -> identity), residual and FFN kept.",
     reference="Zhou et al., Extract Free Dense Labels from CLIP, ECCV 2022",
     # whole image, 512 short side, no background handling: the method's registered defaults

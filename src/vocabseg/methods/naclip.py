@@ -27,7 +27,7 @@ def gaussian_neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Ten
 
 @register_method(
     "naclip",
-    defaults=InferenceConfig(short_side=336, crop=224, stride=112, logit_scale=40.0, pamr_steps=10),
+    defaults=InferenceConfig(pamr_steps=10),
     summary="K-K attention + Gaussian neighbourhood prior, residual and FFN removed; PAMR on.",
     reference="Hajimiri et al., Pay Attention to Your Neighbours (NACLIP), WACV 2025",
     paper=PaperSettings(

@@ -40,7 +40,7 @@ def proxy_attention(feats: torch.Tensor, gamma: float, beta: float) -> torch.Ten
 
 @register_method(
     "proxyclip",
-    defaults=InferenceConfig(short_side=336, crop=336, stride=112, logit_scale=40.0, pad_multiple=56),
+    defaults=InferenceConfig(crop=336, pad_multiple=56),
     summary="Proxy attention from a VFM (DINO/DINOv2/SAM), CLIP values on the VFM grid.",
     reference="Lan et al., ProxyCLIP, ECCV 2024",
     paper=PaperSettings(

@@ -17,7 +17,7 @@ from .registry import PaperSettings, register_method
 
 @register_method(
     "sclip",
-    defaults=InferenceConfig(short_side=336, crop=224, stride=112, logit_scale=40.0),
+    defaults=InferenceConfig(),  # the SCLIP-lineage defaults
     summary="Correlative self-attention softmax(QQ^T)+softmax(KK^T), residual and FFN kept.",
     reference="Wang et al., SCLIP, ECCV 2024",
     paper=PaperSettings(
