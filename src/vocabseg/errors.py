@@ -49,3 +49,8 @@ class CheckpointError(VocabsegError, RuntimeError):
 
 class SettingsError(VocabsegError, ValueError):
     """An inference or run setting outside its allowed values."""
+
+
+class SegmentationFailedError(VocabsegError, RuntimeError):
+    """An unexpected error while segmenting one image of a batch, reported as that image's outcome
+    (the original exception is its ``__cause__``) so the rest of the batch goes on."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,8 @@ class SegmentationResult:
         return class_colors(len(self.classes), self.background_index)
 
     def class_stats(self) -> list[dict[str, Any]]:
-        """Per class: pixel count, area fraction and the mean probability over its pixels."""
+        """Per class: pixel count, area fraction and the mean probability over its pixels (``None`` if
+        not finite)."""
         counts = np.bincount(self.labels.reshape(-1), minlength=len(self.classes))
         stats = []
         for i, name in enumerate(self.classes):
@@ -54,7 +56,7 @@ class SegmentationResult:
                     "color": [int(c) for c in self.colors[i]],
                     "pixels": int(counts[i]),
                     "area": float(counts[i] / self.labels.size),
-                    "mean_score": float(self.probs[i][mask].mean()) if counts[i] else 0.0,
+                    "mean_score": _finite(float(self.probs[i][mask].mean())) if counts[i] else 0.0,
                 }
             )
         return stats
@@ -66,13 +68,17 @@ class SegmentationResult:
         return overlay(self.image, self.labels, self.colors, self.classes, alpha=alpha, legend=legend)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "height": int(self.labels.shape[0]),
-            "width": int(self.labels.shape[1]),
-            "classes": self.class_stats(),
-            "background_index": self.background_index,
-            **self.info,
-        }
+        """Plain JSON values only: a NaN or infinite number (a diverged score, an infinite setting)
+        becomes ``null``, so strict parsers and ``json.dumps(allow_nan=False)`` accept it."""
+        return _json_safe(
+            {
+                "height": int(self.labels.shape[0]),
+                "width": int(self.labels.shape[1]),
+                "classes": self.class_stats(),
+                "background_index": self.background_index,
+                **self.info,
+            }
+        )
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``mask.png`` (palette PNG of labels), ``overlay.png`` and ``result.json``.
@@ -85,6 +91,23 @@ class SegmentationResult:
         paths = {"mask": out / "mask.png", "overlay": out / "overlay.png", "json": out / "result.json"}
         atomic_write(paths["mask"], lambda f: self.mask_image().save(f, format="PNG"))
         atomic_write(paths["overlay"], lambda f: self.overlay_image().save(f, format="PNG"))
-        text = json.dumps(self.to_json(), indent=2).encode()
+        text = json.dumps(self.to_json(), indent=2, allow_nan=False).encode()
         atomic_write(paths["json"], lambda f: f.write(text))
         return paths
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars made Python numbers and non-finite floats made ``None``."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return _finite(value)
+    return value

@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, MethodOptionError, SettingsError, VocabsegError
+from .errors import CheckpointError, MethodOptionError, SegmentationFailedError, SettingsError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
 from .inference.postprocess import class_probabilities, decide_labels
 from .inference.sliding import rescaled_size, resize_image, sliding_window_logits
-from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
-from .methods import create_method, get_method_spec
+from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_name
+from .methods import create_method, get_method_spec, list_methods
 from .methods.base import SegmentationMethod
 from .methods.registry import MethodSpec
 from .methods.weights import read_trained_weights
-from .models.clip import LoadedCLIP, clip_normalization, default_tokenizer, load_clip
+from .models.clip import LoadedCLIP, check_local_files, clip_normalization, default_tokenizer, load_clip
 from .result import SegmentationResult
 from .text.encoder import TextEncoder, default_cache_dir
 from .text.templates import resolve_templates
@@ -41,17 +41,50 @@ _DTYPES = {
 }
 
 
+#: the device types a Segmenter runs on (``cuda`` and ``mps`` only where torch finds one)
+_DEVICES = "cpu, cuda, cuda:N or mps"
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device present on this machine (checked before any model is built)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SettingsError(f"device={device!r} (--device) is not a device; use {_DEVICES}.") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise SettingsError(f"device={device!r} (--device) is not supported; use {_DEVICES}.")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise SettingsError(f"device={device!r} (--device): no CUDA GPU is available here; use cpu.")
+        if resolved.index is not None and resolved.index >= count:
+            raise SettingsError(
+                f"device={device!r} (--device): this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}."
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError(f"device={device!r} (--device): MPS is not available here; use cpu.")
+    return resolved
+
+
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+    if dtype not in _DTYPES and dtype not in _DTYPES.values():
+        raise SettingsError(f"dtype={dtype!r} (--dtype) is not one of {', '.join(_DTYPES)}.")
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype != torch.float32 and device.type == "cpu":
-        raise ValueError(
-            f"dtype {dtype} on the CPU is not supported: fp16 kernels are missing and bf16 is ~10x slower "
-            "than fp32 on most CPUs. Use float32 on the CPU, fp16/bf16 on a GPU."
+        raise SettingsError(
+            f"dtype={str(dtype).removeprefix('torch.')!r} (--dtype) is not supported on the CPU (fp16 kernels are "
+            "missing, bf16 is ~10x slower than fp32): use float32 on the CPU, float16/bfloat16 on a GPU."
         )
     return dtype
+
+
+def _check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and not (
+        isinstance(max_pixels, int) and not isinstance(max_pixels, bool) and max_pixels > 0
+    ):
+        raise SettingsError(
+            f"max_pixels={max_pixels!r} (--max-pixels) must be a positive number of pixels (Python: None for no limit)."
+        )
 
 
 #: ``model`` / ``pretrained`` not given: ViT-B-16 / openai, or a trained checkpoint's base CLIP.
@@ -59,6 +92,9 @@ DEFAULT = "default"
 #: ``weights`` not given: fine for training-free methods, an error for trained ones.
 REQUIRED = "required"
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
+#: windows are zero-padded to at least this many patches a side (thin images, tiny crops): one patch
+#: has no spatial extent, which per-image normalisations (a trained decoder's instance norm) refuse
+MIN_WINDOW_PATCHES = 2
 
 
 @dataclass
@@ -128,13 +164,25 @@ class Segmenter:
         method_kwargs: dict[str, Any] | None = None,
         **settings: Any,
     ):
+        # every check of the arguments comes first, so mistakes cost no model load
         built = method if isinstance(method, nn.Module) else None
         self.spec: MethodSpec = get_method_spec(built.method_name if built is not None else method)
         self.config = self.spec.defaults.updated(**settings)
-        self.device = torch.device(device)
+        self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
+        _check_max_pixels(max_pixels)
         if surgery and self.spec.trainable:
             raise MethodOptionError(f"surgery=True applies to training-free methods, not to {self.spec.name!r}.")
+        if vfm is not None and not self.spec.uses_vfm:
+            with_vfm = [name for name in list_methods() if get_method_spec(name).uses_vfm]
+            raise MethodOptionError(
+                f"Method {self.spec.name!r} does not use a VFM, so it takes no vfm= (--vfm); only the VFM "
+                f"methods do: {', '.join(with_vfm)}."
+            )
+        if built is None and isinstance(model, str):  # a missing local-dir: folder or checkpoint file
+            named = model if model != DEFAULT else (None if self.spec.trainable else DEFAULT_MODEL)
+            if named is not None:  # (a trained method's default model is named in its weights)
+                check_local_files(named, None if pretrained == DEFAULT else pretrained)
         self.surgery = surgery
         self.max_pixels = max_pixels
         self.templates = resolve_templates(templates or self.spec.templates)
@@ -149,10 +197,6 @@ class Segmenter:
             kwargs.setdefault("vfm_pretrained", vfm_pretrained)
             if vfm is not None:
                 kwargs["vfm"] = vfm
-        elif vfm is not None:
-            raise MethodOptionError(
-                f"Method {self.spec.name!r} does not use a VFM; drop vfm=... (only proxyclip does)."
-            )
         if built is not None:
             if not isinstance(model, nn.Module):
                 raise MethodOptionError(
@@ -298,7 +342,9 @@ class Segmenter:
         in input order. The one implementation behind ``segment``, the command line and the server.
 
         With ``on_error="skip"`` an image that cannot be read (not an image, truncated, too large)
-        yields an outcome with its error and the others go on; with ``"raise"`` the error is raised.
+        yields an outcome with its error and the others go on; so does one whose segmentation fails
+        unexpectedly (a :class:`SegmentationFailedError` whose ``__cause__`` is the original exception).
+        With ``"raise"`` the error is raised as it is.
         The classes and settings are checked at once (before the first outcome is asked for). ``max_pixels`` overrides
         the Segmenter's limit for these images (a server applies its own).
         """
@@ -316,22 +362,33 @@ class Segmenter:
         for index, source in enumerate(images):
             try:
                 pending.append((index, source, load_image(source, limit)))
-            except VocabsegError as exc:
+            except Exception as exc:
                 if on_error == "raise":
                     raise
-                yield from self._flush(pending, vocab, config, progress)
+                yield from self._flush(pending, vocab, config, on_error, progress)
                 pending = []
-                yield SegmentOutcome(index, source, error=exc)
+                yield SegmentOutcome(index, source, error=_outcome_error(exc, source))
                 continue
             if len(pending) == images_per_batch:
-                yield from self._flush(pending, vocab, config, progress)
+                yield from self._flush(pending, vocab, config, on_error, progress)
                 pending = []
-        yield from self._flush(pending, vocab, config, progress)
+        yield from self._flush(pending, vocab, config, on_error, progress)
 
-    def _flush(self, pending, vocab, config, progress) -> Iterator[SegmentOutcome]:
+    def _flush(self, pending, vocab, config, on_error, progress) -> Iterator[SegmentOutcome]:
         if not pending:
             return
-        results = self.predict_arrays([a for _, _, a in pending], vocab, config, progress=progress)
+        try:
+            results = self.predict_arrays([a for _, _, a in pending], vocab, config, progress=progress)
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            if len(pending) > 1:  # find the image at fault: the others still get their results
+                for item in pending:
+                    yield from self._flush([item], vocab, config, on_error, progress)
+                return
+            index, source, _ = pending[0]
+            yield SegmentOutcome(index, source, error=_outcome_error(exc, source))
+            return
         for (index, source, _), result in zip(pending, results):
             yield SegmentOutcome(index, source, result=result)
 
@@ -356,7 +413,9 @@ class Segmenter:
         def window_logits(windows: torch.Tensor) -> torch.Tensor:
             return method.logits(windows.to(dtype), text, pad_multiple=pad, surgery=surgery)
 
-        logits = sliding_window_logits(resized, window_logits, config.crop, config.stride, config.batch_size, progress)
+        logits = sliding_window_logits(
+            resized, window_logits, config.crop, config.stride, config.batch_size, progress, self._min_window()
+        )
         pamr = PAMR(config.pamr_steps, config.pamr_dilations)
         results = []
         for array, small, image_logits in zip(arrays, resized, logits):
@@ -393,9 +452,24 @@ class Segmenter:
         return info
 
     # -- internals -------------------------------------------------------------------------------------
+    def _min_window(self) -> tuple[int, int]:
+        """The smallest window the model is given (``MIN_WINDOW_PATCHES`` of CLIP's patches a side)."""
+        patch = getattr(getattr(self.clip.model, "visual", None), "patch_size", None) or 1
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        return MIN_WINDOW_PATCHES * ph, MIN_WINDOW_PATCHES * pw
+
     def _normalize(self, array: np.ndarray) -> torch.Tensor:
         x = (
             torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).to(self.device).permute(2, 0, 1).float()
             / 255.0
         )
         return (x - self._mean) / self._std
+
+
+def _outcome_error(exc: Exception, source: ImageSource) -> VocabsegError:
+    """A batch image's error: user errors as they are, anything else wrapped with its message."""
+    if isinstance(exc, VocabsegError):
+        return exc
+    error = SegmentationFailedError(f"{source_name(source)}: segmentation failed ({type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    return error

@@ -4,6 +4,10 @@ The window grid is mmseg's (``forward_slide``): ``n = max(size - crop + stride -
 windows per axis, the last one shifted back to end at the border, window logits summed and divided
 by a count map. The official repos run the windows one by one at batch 1; here all windows of all
 images are grouped by shape and run ``batch_size`` at a time, which gives the same numbers.
+
+Degenerate inputs (a 10000x3 image, ``short_side=8``, a crop below the patch size) would give windows
+smaller than the model's patch, which no ViT can embed. Such windows are zero-padded at the bottom and
+right up to a minimum size and their logits cropped back; windows of ordinary size are untouched.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ import torch.nn.functional as F
 
 
 def rescaled_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
-    """mmcv ``rescale``: short side -> ``short_side`` unless the long side would pass ``max_long_side``."""
+    """mmcv ``rescale``: short side -> ``short_side`` unless the long side would pass ``max_long_side``.
+
+    Each side stays at least 1 pixel: capping the long side of a 20000x1 image would round its short
+    side to 0.
+    """
     if short_side <= 0:
         return height, width
     scale = min(max_long_side / max(height, width), short_side / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -61,6 +69,7 @@ def sliding_window_logits(
     stride: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    min_size: tuple[int, int] = (1, 1),
 ) -> list[torch.Tensor]:
     """Average window logits over each image.
 
@@ -68,6 +77,8 @@ def sliding_window_logits(
         images: (3, H_i, W_i) tensors, sizes may differ.
         window_logits: maps a batch of windows (b, 3, h, w) to logits (b, K, h, w).
         progress: called with the number of windows done after each batch.
+        min_size: (height, width) below which a window is zero-padded (bottom/right) before
+            ``window_logits`` sees it; its logits are cropped back to the window.
     Returns:
         one (K, H_i, W_i) float32 tensor per image.
     """
@@ -81,7 +92,7 @@ def sliding_window_logits(
         for start in range(0, len(windows), batch_size):
             chunk = windows[start : start + batch_size]
             batch = torch.stack([images[w.image][:, w.box[0] : w.box[1], w.box[2] : w.box[3]] for w in chunk])
-            logits = window_logits(batch).float()
+            logits = _padded_window_logits(batch, window_logits, min_size).float()
             for w, out in zip(chunk, logits):
                 y1, y2, x1, x2 = w.box
                 if sums[w.image] is None:
@@ -92,6 +103,17 @@ def sliding_window_logits(
             if progress is not None:
                 progress(len(chunk))
     return [s / c for s, c in zip(sums, counts)]
+
+
+def _padded_window_logits(
+    batch: torch.Tensor, window_logits: Callable[[torch.Tensor], torch.Tensor], min_size: tuple[int, int]
+) -> torch.Tensor:
+    """``window_logits`` of windows padded up to ``min_size``, cropped back to the windows' size."""
+    h, w = batch.shape[-2:]
+    pad_h, pad_w = max(min_size[0] - h, 0), max(min_size[1] - w, 0)
+    if not (pad_h or pad_w):
+        return window_logits(batch)
+    return window_logits(F.pad(batch, (0, pad_w, 0, pad_h)))[..., :h, :w]
 
 
 def centered_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
