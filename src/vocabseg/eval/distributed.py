@@ -6,7 +6,7 @@ runs one plain process inside a multi-task allocation must not wait for peers). 
 combined with an int64 ``all_reduce`` of the confusion matrices, which is exact, so the sharded
 result equals the single-process one.
 
-gloo can abort in its teardown at interpreter exit on some machines (ecosystem.md §1.7); a torchrun
+gloo can abort in its teardown at interpreter exit on some machines (a known PyTorch issue); a torchrun
 entry point should end with :func:`exit_process`, which destroys the process group, flushes and
 ``os._exit``s.
 """

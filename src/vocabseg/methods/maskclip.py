@@ -1,7 +1,7 @@
 """``maskclip``: MaskCLIP (Zhou et al., ECCV 2022).
 
 Last block: the attention is replaced by identity on the values, Y = X + O(V), and the residual and
-FFN are kept: F = LN_post(Y + MLP(LN2(Y)))·P (research notes 1.1; the numerically clean reference is
+FFN are kept: F = LN_post(Y + MLP(LN2(Y)))·P (MaskCLIP Sec. 3.2; the numerically clean reference is
 ClearCLIP's ``custom_attn(model_type='MaskCLIP', ignore_residual=False)``; the official repo's ViT
 uses exact GELU and LN eps 1e-6, so it is not numerically CLIP).
 """

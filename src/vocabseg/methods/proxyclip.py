@@ -3,8 +3,8 @@
 Last block, with VFM features E (each token L2-normalised) on the VFM grid (h', w'):
     S = ÊÊᵀ,  A = γ·(S − β·mean(S)),  A_ij = −∞ where A_ij < 0,  Attn = softmax(A)  (shared by heads)
     F = LN_post(O(Attn·V'))·P,  V' = CLIP's patch values, bilinearly resized to the VFM grid,
-with no residual and no FFN (research notes 1.5; seed 003, the PAM equations). The mean is taken per
-image (the official code runs one crop at a time, so batching must not mix crops: note (d)1).
+with no residual and no FFN (ProxyCLIP Sec. 3, the proxy attention module). The mean is taken per
+image (the official code runs one crop at a time, so batching must not mix crops).
 Defaults γ = 3, β = 1.2. One deviation, only where the official code yields NaN: a row whose every
 entry is masked keeps its diagonal.
 """
