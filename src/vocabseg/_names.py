@@ -17,6 +17,9 @@ def lookup(table: Mapping[str, T], name: str, what: str) -> T:
         return table[name]
     except KeyError:
         pass
-    close = difflib.get_close_matches(name, list(table), n=3)
+    by_folded: dict[str, list[str]] = {}  # case-insensitive: 'vit-b-16' suggests 'ViT-B-16'
+    for key in table:
+        by_folded.setdefault(key.casefold(), []).append(key)
+    close = [k for f in difflib.get_close_matches(name.casefold(), list(by_folded), n=3) for k in by_folded[f]]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise UnknownNameError(f"Unknown {what} {name!r}.{hint} Available: {', '.join(sorted(table))}.")

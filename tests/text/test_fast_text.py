@@ -23,6 +23,14 @@ LONG_NAME = " ".join(["extraordinarily"] * 60) + " cat"  # far past 77 tokens: t
 NAMES = ["cat", "tv monitor", "a very small red bicycle leaning on a wall", LONG_NAME]
 
 
+def longest_name(templates: tuple[str, ...]) -> str:
+    """The longest name of repeated one-token words whose longest prompt still fits CLIP's 77 tokens
+    exactly (the ``TextEncoder`` refuses names the tokenizer would cut, such as ``LONG_NAME``)."""
+    tok = open_clip.SimpleTokenizer()
+    words = 75 - max(len(tok.encode(t.format(""))) for t in templates)  # 75: start and end take two
+    return "cat " * words
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
@@ -176,7 +184,7 @@ def reference_embeddings(clip: torch.nn.Module, names: list[str], templates: tup
 @pytest.mark.parametrize("per_template", [False, True])
 def test_text_encoder_results_unchanged(tiny_clip, per_template):
     templates = TEMPLATE_SETS["openai80"][:9]
-    names = ["cat", LONG_NAME, "tv monitor", "sky", "a very small red bicycle leaning on a wall"]
+    names = ["cat", longest_name(templates), "tv monitor", "sky", "a very small red bicycle leaning on a wall"]
     # 7 per batch: batches straddle names, so sorting and restoring the order is exercised
     enc = TextEncoder(tiny_clip, default_tokenizer(tiny_clip), templates, cache_dir=None, prompts_per_batch=7)
     got = enc.encode(names, per_template=per_template)
@@ -191,7 +199,7 @@ def test_text_encoder_gradient_path_is_fast_exact_and_differentiable():
     clip.requires_grad_(False)
     clip.ln_final.requires_grad_(True)
     templates = TEMPLATE_SETS["beyond_labels12"]
-    names = ["cat", "tv monitor", LONG_NAME]
+    names = ["cat", "tv monitor", longest_name(templates)]
     enc = TextEncoder(clip, default_tokenizer(clip), templates, cache_dir=None, prompts_per_batch=5)
     live = enc.encode_with_grad(names, per_template=True)
     assert live.grad_fn is not None
@@ -214,8 +222,9 @@ def test_batches_are_sorted_by_length(tiny_clip, monkeypatch):
         return encode_text_fast(clip, tokens)
 
     monkeypatch.setattr(encoder_module, "encode_text_fast", spy)
-    names = [LONG_NAME, "cat", "a very small red bicycle leaning on a wall", "sky"]
-    enc = TextEncoder(tiny_clip, default_tokenizer(tiny_clip), ("{}", "a photo of a {}."), cache_dir=None)
+    templates = ("{}", "a photo of a {}.")
+    names = [longest_name(templates), "cat", "a very small red bicycle leaning on a wall", "sky"]
+    enc = TextEncoder(tiny_clip, default_tokenizer(tiny_clip), templates, cache_dir=None)
     enc.prompts_per_batch = 2
     enc.encode(names)
     # unsorted, the first batch would hold the 77-token name; sorted, it pairs the two shortest prompts

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from ..inference.config import SCORES, InferenceConfig
+from ..inference.config import SCORES, InferenceConfig, option_flag
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
 from ..segmenter import DEFAULT, REQUIRED
@@ -18,21 +18,6 @@ from ..text.templates import TEMPLATE_SETS
 def none_or_str(value: str) -> str | None:
     """``none`` (any case) -> None: the command-line spelling of "random weights"."""
     return None if value.strip().lower() == "none" else value
-
-
-_SETTING_HELP = {
-    "short_side": "resize so the short side has this many pixels (0: keep the size)",
-    "max_long_side": "cap on the resized long side",
-    "crop": "sliding-window size in pixels (0: whole image in one pass)",
-    "stride": "sliding-window stride in pixels",
-    "logit_scale": "temperature applied to the logits (cosine similarities) before scoring",
-    "score": "how logits become probabilities: softmax over names, or sigmoid per name",
-    "prob_threshold": "pixels below this class probability become 'background'",
-    "area_threshold": "drop foreground classes covering less than this fraction of the foreground",
-    "pamr_steps": "PAMR refinement iterations (0: off)",
-    "pad_multiple": "zero-pad each window to a multiple of this",
-    "batch_size": "windows per forward pass",
-}
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -77,16 +62,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help=f"refuse images with more pixels (default: {DEFAULT_MAX_PIXELS:,})",
     )
     s = parser.add_argument_group("inference settings (default: the method's published settings)")
-    for f in fields(InferenceConfig):
-        flag = "--" + f.name.replace("_", "-")
+    for f in fields(InferenceConfig):  # help and allowed values come from the field's metadata
+        text = f"{f.metadata['help']}; allowed: {f.metadata['allowed']}".replace("%", "%%")
         if f.name == "pamr_dilations":
-            s.add_argument(flag, type=int, nargs="+", default=None, help="PAMR dilations")
-            continue
-        if f.name == "score":
-            s.add_argument(flag, choices=SCORES, default=None, help=_SETTING_HELP[f.name])
-            continue
-        kind = float if f.type in ("float", float) else int
-        s.add_argument(flag, type=kind, default=None, help=_SETTING_HELP.get(f.name, f.name))
+            s.add_argument(option_flag(f.name), type=int, nargs="+", default=None, help=text)
+        elif f.name == "score":
+            s.add_argument(option_flag(f.name), choices=SCORES, default=None, help=text)
+        else:
+            s.add_argument(option_flag(f.name), type=type(f.default), default=None, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:

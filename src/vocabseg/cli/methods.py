@@ -8,7 +8,7 @@ from ..methods import MethodSpec, get_method_spec, list_methods
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list methods and their default settings")
+    p = sub.add_parser("methods")
     p.set_defaults(run=run)
 
 

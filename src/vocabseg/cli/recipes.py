@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recipes", help="list training recipes and their key settings")
+    p = sub.add_parser("recipes")
     p.add_argument("name", nargs="?", help="show one recipe in full (JSON)")
     p.set_defaults(run=run)
 

@@ -17,7 +17,6 @@ from .common import none_or_str, run_distributed
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a method from a recipe (single process or torchrun DDP)",
         description="Train a trained method's head from a recipe. Writes OUT/recipe.json, OUT/metrics.jsonl, "
         "TensorBoard events in OUT/tb/, checkpoints OUT/checkpoint-<step>/ and OUT/checkpoint-last/ "
         "(+ OUT/checkpoint-best/ when validation runs). --resume continues an interrupted run exactly.",

@@ -12,7 +12,7 @@ from .classes import ClassSource, packaged_class_file
 from .dataset import LABEL_RULES, SegDataset, apply_label_rule
 from .layouts import Layout, Sample
 from .palettes import get_palette
-from .registry import STANDARD_BENCHMARKS, DatasetSpec, build_dataset, get_dataset_spec, list_datasets
+from .registry import STANDARD_BENCHMARKS, DatasetSpec, build_dataset, get_dataset_spec
 
 __all__ = [
     "LABEL_RULES",
@@ -26,7 +26,6 @@ __all__ = [
     "build_dataset",
     "get_dataset_spec",
     "get_palette",
-    "list_datasets",
     "packaged_class_file",
     "read_class_file",
 ]

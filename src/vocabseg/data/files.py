@@ -1,4 +1,4 @@
-"""Reading benchmark images and label maps, and writing files atomically.
+"""Reading benchmark images and label maps, and writing label maps atomically.
 
 Label maps are read as stored: palette PNGs (VOC ``SegmentationClass``) give their palette
 indices, grayscale PNGs (``*_labelTrainIds.png``) their values, 16-bit TIFFs (the detectron2
@@ -46,10 +46,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise DatasetLayoutError(f"Image missing: expected {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetLayoutError(f"{path}: unreadable image ({exc})") from None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> None:

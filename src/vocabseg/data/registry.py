@@ -89,10 +89,6 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return lookup(DATASETS, name, "benchmark")
 
 
-def list_datasets() -> list[str]:
-    return list(DATASETS)
-
-
 def dataset_options(name: str) -> list[str]:
     """The keyword options :func:`build_dataset` accepts for benchmark ``name``."""
     spec = get_dataset_spec(name)

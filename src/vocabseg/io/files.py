@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+#: What ``open(path, "w")`` asks for; the process umask takes its bits away (0o644 under umask 022).
+_NEW_FILE_MODE = 0o666
+_EXCLUSIVE_BINARY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _open_temporary(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty file next to the target, created by the kernel with the umask applied (so it ends
+    up with the permissions a plain ``open`` would give; ``tempfile.mkstemp`` makes 0600 files)."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, _EXCLUSIVE_BINARY, _NEW_FILE_MODE), tmp
+        except FileExistsError:  # a name another writer holds right now: draw again
+            continue
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, then rename it over ``path``.
 
     The rename is atomic on POSIX and Windows: readers see the old file or the new one, never a mix.
+    The file gets the usual permissions of a new file (``0o666`` minus the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _open_temporary(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -25,3 +41,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` as UTF-8."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -19,8 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._names import lookup
-from ..errors import WeightsUnavailableError
-from .clip import hub_cache_dir
+from .clip import (
+    CHECKPOINT_LOAD_ERRORS,
+    check_checkpoint_file,
+    hub_access,
+    unreadable_checkpoint,
+    weights_unavailable,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,10 +53,6 @@ VFM_SPECS: dict[str, VFMSpec] = {
     "sam_vitb": VFMSpec("samvit_base_patch16.sa1b", fixed_size=1024),
     "sam_vitl": VFMSpec("samvit_large_patch16.sa1b", fixed_size=1024),
 }
-
-
-def list_vfms() -> list[str]:
-    return list(VFM_SPECS)
 
 
 class TimmVFM(nn.Module):
@@ -104,24 +105,25 @@ def load_vfm(
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     elif pretrained == "default":
         try:
-            model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+            with hub_access():
+                model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # timm/huggingface_hub raise many types for network and cache misses
-            raise _vfm_unavailable(name, spec, exc) from exc
+            raise weights_unavailable(f"VFM {name!r} (timm {spec.timm_name})", None, exc, _LOCAL_VFM_HINT) from exc
     else:
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"VFM checkpoint file not found: {pretrained}")
-        model = timm.create_model(
-            spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": os.fspath(pretrained)}, **kwargs
-        )
+        path = check_checkpoint_file(pretrained, "--vfm-pretrained")
+        try:
+            model = timm.create_model(
+                spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": os.fspath(path)}, **kwargs
+            )
+        except CHECKPOINT_LOAD_ERRORS as exc:
+            raise unreadable_checkpoint(f"VFM {name!r} (timm {spec.timm_name})", path, exc) from exc
     fixed_size = timm_kwargs.get("img_size", spec.fixed_size) if spec.fixed_size else None
     return TimmVFM(model.eval().to(device), fixed_size)
 
 
-def _vfm_unavailable(name: str, spec: VFMSpec, cause: BaseException) -> WeightsUnavailableError:
-    return WeightsUnavailableError(
-        f"Could not load pretrained weights for VFM {name!r} (timm {spec.timm_name}): {cause}\n"
-        f"  - Weights are downloaded once into the cache directory {hub_cache_dir()}.\n"
-        "  - Offline? Pass a local checkpoint: `--vfm-pretrained /path/to/model.safetensors` "
-        "(Python: `vfm_pretrained='/path/...'`), or any module returning (B, C, h, w) features as `vfm=`.\n"
-        "  - For a quick test without weights use `--vfm-pretrained none` (random weights)."
-    )
+_LOCAL_VFM_HINT = (
+    "Pass a local checkpoint: `--vfm-pretrained /path/to/model.safetensors` "
+    "(Python: `vfm_pretrained='/path/...'`), or any module returning (B, C, h, w) features as `vfm=`."
+)

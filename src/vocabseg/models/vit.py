@@ -64,16 +64,8 @@ class CLIPVisionTower(nn.Module):
         return side, side
 
     @property
-    def num_heads(self) -> int:
-        return self.last_block.attn.num_heads
-
-    @property
     def last_block(self) -> nn.Module:
         return self.visual.transformer.resblocks[-1]
-
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        ph, pw = self.patch_size
-        return height // ph, width // pw
 
     # -- forward pieces ----------------------------------------------------------------------------
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:

@@ -8,11 +8,21 @@ templates, so a second run with the same vocabulary encodes nothing, and differe
 share entries. The fingerprint is re-checked on every call (cheaply, see
 :mod:`vocabseg.models.fingerprint`), so weights changed by training or a checkpoint load are never
 served stale embeddings. :meth:`TextEncoder.encode_with_grad` is the uncached path with gradients.
+
+The disk cache is bounded (``$VOCABSEG_CACHE_MAX_MB``, 1 GiB by default): files are read-touched,
+and the least recently used ones are deleted when a write takes the folder over the cap. Models
+loaded with random weights (:func:`~vocabseg.models.clip.has_random_weights`) are cached in memory
+only: such weights are mostly drawn anew by each run, so their files would pile up unread.
+
+A prompt the tokenizer would cut at its context length (77 tokens for CLIP) is refused, naming the
+class name: the truncated prompt would silently stand for another text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -27,12 +37,17 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import SettingsError, VocabularyError
 from ..io.files import atomic_write
+from ..models.clip import has_random_weights
 from ..models.fingerprint import weights_fingerprint
 from .tower import encode_text_fast, pooled_positions
 
 #: Encodings of more prompts than this show a progress bar on stderr (ADE-150 x 80 templates: 12,000).
 PROGRESS_PROMPTS = 2_000
+#: Default cap on the disk cache's total size, in MiB; ``$VOCABSEG_CACHE_MAX_MB`` overrides it.
+DEFAULT_CACHE_MAX_MB = 1024
+CACHE_MAX_ENV = "VOCABSEG_CACHE_MAX_MB"
 
 
 def default_cache_dir() -> Path:
@@ -41,6 +56,50 @@ def default_cache_dir() -> Path:
         return Path(os.environ["VOCABSEG_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vocabseg"
+
+
+def default_cache_max_bytes() -> int:
+    """``$VOCABSEG_CACHE_MAX_MB`` (MiB; 0 keeps nothing on disk) in bytes, else 1 GiB."""
+    raw = os.environ.get(CACHE_MAX_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_MAX_MB * 2**20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib >= 0):
+        raise SettingsError(f"{CACHE_MAX_ENV}={raw!r}: expected the text cache's size cap in MiB, a number >= 0.")
+    return int(mib * 2**20)
+
+
+def _abbreviated(name: str, width: int = 60) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def check_prompt_lengths(tokenizer: Any, names: Sequence[str], templates: Sequence[str], tokens: torch.Tensor) -> None:
+    """Refuse names whose prompt the tokenizer cut to its context length (``tokens``: the tokenized
+    name-major prompts). A prompt is cut if tokenizing it with a longer context changes its first
+    tokens (the end-of-text token moves out); only prompts that fill the context are re-tokenized."""
+    context = tokens.shape[-1]
+    full = torch.nonzero(tokens[:, -1] != 0).flatten().tolist()  # padding is token 0; a cut row has none
+    if not full:
+        return
+    prompts = [templates[i % len(templates)].format(names[i // len(templates)]) for i in full]
+    try:
+        longer = tokenizer(prompts, context_length=2 * context)[:, :context]
+    except TypeError:  # a custom tokenizer without open_clip's context_length: nothing to compare
+        return
+    cut = [i for i, same in zip(full, (longer == tokens[full]).all(dim=1).tolist()) if not same]
+    if not cut:
+        return
+    too_long = list(dict.fromkeys(names[i // len(templates)] for i in cut))
+    example = templates[cut[0] % len(templates)]
+    raise VocabularyError(
+        f"Class name {_abbreviated(too_long[0])!r} is too long: its prompt ({example!r}) takes more than "
+        f"the text encoder's {context} tokens and would be cut off. Shorten it"
+        + (f" (and {len(too_long) - 1} other name(s))" if len(too_long) > 1 else "")
+        + " or use shorter templates (e.g. templates='name', --templates name)."
+    )
 
 
 def _digest(*parts: str | bytes) -> str:
@@ -61,7 +120,9 @@ class TextEncoder:
 
     ``last_encoded`` is the number of names the last :meth:`encode` call had to run through the
     text tower (0 when everything came from the cache). At most ``memory_entries`` embeddings are
-    kept in memory (least recently used first out), so a long-running server stays bounded.
+    kept in memory (least recently used first out), and at most ``cache_max_bytes`` on disk (default:
+    :func:`default_cache_max_bytes`; least recently used files first out), so a long-running server
+    stays bounded.
     """
 
     def __init__(
@@ -72,6 +133,7 @@ class TextEncoder:
         cache_dir: str | os.PathLike | None = None,
         prompts_per_batch: int = 256,
         memory_entries: int = 20_000,
+        cache_max_bytes: int | None = None,
     ):
         self.clip = clip
         self.tokenizer = tokenizer
@@ -80,6 +142,7 @@ class TextEncoder:
         self.prompts_per_batch = prompts_per_batch
         self.last_encoded = 0
         self.memory_entries = memory_entries
+        self.cache_max_bytes = default_cache_max_bytes() if cache_max_bytes is None else cache_max_bytes
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_owner = ""  # the weights+templates key the in-memory entries belong to
 
@@ -93,7 +156,10 @@ class TextEncoder:
         return self._cache_path(self.key)
 
     def _cache_path(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / "text" / f"{key}.safetensors"
+        """The file of ``key``; None without a disk cache, with a zero cap, or for random weights."""
+        if self.cache_dir is None or self.cache_max_bytes <= 0 or has_random_weights(self.clip):
+            return None
+        return self.cache_dir / "text" / f"{key}.safetensors"
 
     def _check_memory(self) -> str:
         """The current key (weights are checked once per call); in-memory entries of other weights are dropped."""
@@ -108,15 +174,41 @@ class TextEncoder:
         if path is None or not path.is_file():
             return {}
         try:
-            return load_file(path)
+            entries = load_file(path)
         except (SafetensorError, OSError):  # a corrupt cache is rebuilt, never trusted
             return {}
+        with contextlib.suppress(OSError):  # a read-only cache still serves
+            os.utime(path)  # recently used: evicted last
+        return entries
 
     def _write_disk(self, path: Path | None, entries: dict[str, torch.Tensor]) -> None:
         if path is None:
             return
-        merged = {k: v.contiguous() for k, v in {**self._read_disk(path), **entries}.items()}
-        atomic_write(path, lambda f: f.write(save(merged)))  # readers never see half a file
+        blob = save({k: v.contiguous() for k, v in {**self._read_disk(path), **entries}.items()})
+        if len(blob) > self.cache_max_bytes:  # this file alone outgrew the cap: start it again
+            blob = save({k: v.contiguous() for k, v in entries.items()})
+        if len(blob) > self.cache_max_bytes:
+            return
+        atomic_write(path, lambda f: f.write(blob))  # readers never see half a file
+        self._evict(keep=path)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used cache files (oldest modification, which reads touch) until
+        the folder is within ``cache_max_bytes``; ``keep``, just written, stays."""
+        files = []
+        for f in keep.parent.glob("*.safetensors"):
+            try:
+                st = f.stat()
+            except OSError:  # removed by another process meanwhile
+                continue
+            files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.cache_max_bytes:
+                break
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size
 
     @torch.no_grad()
     def encode(self, names: Sequence[str], per_template: bool = False) -> torch.Tensor:
@@ -155,6 +247,7 @@ class TextEncoder:
         prompts = [t.format(n) for n in names for t in self.templates]
         device = next(self.clip.parameters()).device
         tokens = self.tokenizer(prompts)
+        check_prompt_lengths(self.tokenizer, names, self.templates, tokens)
         positions = pooled_positions(self.clip, tokens)
         order = torch.arange(len(prompts)) if positions is None else torch.argsort(positions, stable=True)
         chunks = []

@@ -19,9 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...errors import DatasetLayoutError
-from ...io.files import atomic_write
+from ...io.files import atomic_write, atomic_write_text
 from ...io.rle import decode as decode_rle
-from ..files import atomic_write_text
 
 # 459-label ids of the 59 classes (PASCAL-Context labels.txt), sorted = alphabetical class order
 CONTEXT59_IDS = (
