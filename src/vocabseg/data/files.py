@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DatasetLayoutError
 from ..io.files import atomic_write
+from ..io.visualize import label_image
 
 _LABEL_MODES = {"P", "L", "I;16", "I;16L", "I;16B", "I", "1"}
 
@@ -49,11 +50,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def save_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> None:
-    """A palette PNG (up to 256 classes; grayscale without a palette), else a 16-bit PNG."""
-    if labels.max(initial=0) > 255:
-        img = Image.fromarray(labels.astype(np.uint16))
-    else:
-        img = Image.fromarray(labels.astype(np.uint8), mode="P" if palette is not None else "L")
-        if palette is not None:
-            img.putpalette(np.asarray(palette, dtype=np.uint8)[:256].reshape(-1).tolist())
+    """Write :func:`~vocabseg.io.visualize.label_image` atomically as a PNG."""
+    img = label_image(labels, palette)
     atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .files import save_label_png
 from .layouts import Layout
 from .palettes import get_palette
 from .registry import get_dataset_spec
@@ -51,12 +52,9 @@ def write_sample(layout: Layout, root: Path, sample_id: str, image: np.ndarray, 
     Image.fromarray(image).save(image_path)
     if label_path.suffix == ".tif":
         Image.fromarray(raw_label.astype(np.uint16)).save(label_path, format="TIFF")
-    elif layout.labels == "SegmentationClass":  # VOC stores palette PNGs
-        img = Image.fromarray(raw_label.astype(np.uint8), mode="P")
-        img.putpalette(get_palette("voc", 256).reshape(-1).tolist())
-        img.save(label_path)
-    else:
-        Image.fromarray(raw_label.astype(np.uint8)).save(label_path)
+    else:  # VOC stores palette PNGs, the others grayscale
+        palette = get_palette("voc", 256) if layout.labels == "SegmentationClass" else None
+        save_label_png(label_path, raw_label, palette)
 
 
 def random_label(rng: np.random.Generator, size: tuple[int, int], num_values: int, ignore: int) -> np.ndarray:

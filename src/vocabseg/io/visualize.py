@@ -36,13 +36,18 @@ def class_colors(num_classes: int, background_index: int | None = None) -> np.nd
     return colors
 
 
-def label_image(labels: np.ndarray, colors: np.ndarray) -> Image.Image:
-    """A palette PNG (mode ``P``) for up to 256 classes, else a 16-bit grayscale label map."""
-    if len(colors) <= 256:
-        img = Image.fromarray(labels.astype(np.uint8), mode="P")
-        img.putpalette(colors.reshape(-1).tolist())
-        return img
-    return Image.fromarray(labels.astype(np.uint16))
+def label_image(labels: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """The one writer of label maps: a palette PNG image (mode ``P``) when the labels fit 8 bits,
+    grayscale (``L``) without a palette, and 16-bit grayscale for more than 256 classes (a palette
+    longer than 256 entries, or a label above 255), which palette PNGs cannot hold."""
+    wide = labels.max(initial=0) > 255 or (palette is not None and len(palette) > 256)
+    if wide:
+        return Image.fromarray(labels.astype(np.uint16))
+    if palette is None:
+        return Image.fromarray(labels.astype(np.uint8), mode="L")
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    return img
 
 
 def overlay(
