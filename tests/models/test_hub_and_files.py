@@ -117,3 +117,8 @@ def test_model_name_suggestions_ignore_case():
         load_clip("vit-b-16", pretrained=None)
     with pytest.raises(UnknownNameError, match="Did you mean 'dino_vitb8'"):
         load_vfm("DINO_VITB8", None)
+
+
+def test_a_missing_vfm_file_names_the_option(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match=r"--vfm-pretrained.*not found"):
+        load_vfm("dino_vits16", pretrained=str(tmp_path / "missing.safetensors"))

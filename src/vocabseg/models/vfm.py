@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._names import lookup
+from ..errors import WeightsUnavailableError
 from .clip import (
     CHECKPOINT_LOAD_ERRORS,
     check_checkpoint_file,
@@ -111,7 +112,10 @@ def load_vfm(
             raise weights_unavailable(f"VFM {name!r} (timm {spec.timm_name})", None, exc, _LOCAL_VFM_HINT) from exc
     else:
         if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"VFM checkpoint file not found: {pretrained}")
+            raise WeightsUnavailableError(
+                f"vfm_pretrained={pretrained!r} (--vfm-pretrained): checkpoint file not found; pass an existing "
+                "file, 'default' (hub weights) or none (random weights)."
+            )
         path = check_checkpoint_file(pretrained, "--vfm-pretrained")
         try:
             model = timm.create_model(
