@@ -30,17 +30,19 @@ def make_image(seed: int, height: int = 50, width: int = 70) -> np.ndarray:
 
 class Gate:
     """A segmenter that blocks inside ``segment_many`` (what the server calls) until released, to fill
-    the queue deterministically."""
+    the queue deterministically; ``calls`` counts the segmentations that ran."""
 
     def __init__(self, segmenter: Segmenter):
         self._segmenter = segmenter
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.calls = 0
 
     def __getattr__(self, name: str):
         return getattr(self._segmenter, name)
 
     def segment_many(self, *args, **kwargs):
+        self.calls += 1
         self.entered.set()
         assert self.release.wait(60), "test gate never released"
         return self._segmenter.segment_many(*args, **kwargs)

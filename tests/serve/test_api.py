@@ -198,7 +198,8 @@ def test_full_queue_answers_503_with_retry_after(make_segmenter):
         deadline = time.monotonic() + 30
         while engine.queue.stats()["waiting"] < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.queue.stats() == {"workers": 1, "capacity": 2, "running": 1, "waiting": 1, "completed": 0}
+        expected = {"workers": 1, "capacity": 2, "running": 1, "waiting": 1, "completed": 0, "dropped": 0}
+        assert engine.queue.stats() == expected
 
         refused = post(client, image, "cat, dog")
         assert refused.status_code == 503
@@ -236,7 +237,7 @@ def test_concurrent_requests_are_all_answered_correctly(make_segmenter, referenc
 def test_openapi_schema_documents_the_api(client):
     schema = client.get("/openapi.json").json()
     post_op = schema["paths"]["/api/v1/segment"]["post"]
-    assert {"413", "415", "422", "503"} <= set(post_op["responses"])
+    assert {"413", "415", "422", "500", "503", "504"} <= set(post_op["responses"])
     assert "image/png" in post_op["responses"]["200"]["content"]
     form_ref = post_op["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
     fields = schema["components"]["schemas"][form_ref]["properties"]

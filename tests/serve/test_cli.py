@@ -79,6 +79,6 @@ def test_config_is_checked_and_printed():
         ServeConfig(queue_size=-1)
     text = ServeConfig(max_upload_bytes=1000, max_pixels=2_000_000, workers=2, queue_size=3).limits_text()
     assert text == (
-        "upload limit 1,000 bytes, image limit 2,000,000 pixels, at most 100 classes and 200 names of 200 "
-        "characters, 300 s per request; 2 worker(s), queue of 3"
+        "upload limit 1,000 bytes, image limit 2,000,000 pixels, at most 100 classes and 200 names "
+        "(200 characters each), 300 s per request; 2 worker(s), queue of 3"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -33,6 +34,11 @@ def actions(make_segmenter, tmp_path):
     scratch.cleanup()
 
 
+def segment(actions: PageActions, *args):
+    """The page's Segment action, run as gradio runs it (a coroutine on an event loop)."""
+    return asyncio.run(actions.segment(*args))
+
+
 def image_file(tmp_path: Path, array: np.ndarray, name: str = "in.png") -> str:
     path = tmp_path / name
     Image.fromarray(array).save(path)
@@ -41,8 +47,8 @@ def image_file(tmp_path: Path, array: np.ndarray, name: str = "in.png") -> str:
 
 def test_segment_shows_masks_legend_and_downloads(actions, reference, tmp_path):
     image = make_image(20)
-    annotated, legend, files, view, status, picker, note = actions.segment(
-        image_file(tmp_path, image), "cat, dog; puppy, car", "sclip", 0.0, "", 0.5
+    annotated, legend, files, view, status, picker, note = segment(
+        actions, image_file(tmp_path, image), "cat, dog; puppy, car", "sclip", 0.0, "", 0.5
     )
     expected = reference.segment(image, "cat, dog; puppy, car")
     assert status == "Segmented 70x50 with sclip."
@@ -87,7 +93,7 @@ def test_errors_are_messages_on_the_page(actions, tmp_path, case, classes, phras
         "text": str(tmp_path / "notes.png"),
     }
     (tmp_path / "notes.png").write_text("not an image")
-    annotated, legend, files, view, status, _, _ = actions.segment(paths[case], classes, "sclip", 0.0, "", 0.6)
+    annotated, legend, files, view, status, _, _ = segment(actions, paths[case], classes, "sclip", 0.0, "", 0.6)
     assert status.startswith("**Error:**") and phrase in status
     assert str(tmp_path) not in status  # server-side paths are not shown, only the file's name
     assert (annotated, legend, files, view) == (None, "", None, None)
@@ -95,17 +101,17 @@ def test_errors_are_messages_on_the_page(actions, tmp_path, case, classes, phras
 
 def test_unavailable_method_is_marked_in_the_picker(actions, tmp_path):
     path = image_file(tmp_path, make_image(22))
-    *_, status, picker, note = actions.segment(path, "cat", "proxyclip", 0.0, "", 0.6)
+    *_, status, picker, note = segment(actions, path, "cat", "proxyclip", 0.0, "", 0.6)
     assert "proxyclip" in status and "unavailable" in status
     assert ("proxyclip (unavailable)", "proxyclip") in picker["choices"]
     assert "unavailable on this server" in note and "dino_vitb8" in note
     assert actions.refresh()[0]["choices"] == picker["choices"]
-    assert actions.segment(path, "cat, dog", "sclip", 0.0, "", 0.6)[4].startswith("Segmented")
+    assert segment(actions, path, "cat, dog", "sclip", 0.0, "", 0.6)[4].startswith("Segmented")
 
 
 def test_background_options_and_opacity(actions, reference, tmp_path):
     image = make_image(23)
-    outputs = actions.segment(image_file(tmp_path, image), "cat, dog", "sclip", 0.8, "sky; wall", 0.6)
+    outputs = segment(actions, image_file(tmp_path, image), "cat, dog", "sclip", 0.8, "sky; wall", 0.6)
     view = outputs[3]
     expected = reference.segment(image, "cat, dog", background="sky; wall", prob_threshold=0.8)
     np.testing.assert_array_equal(view.labels, expected.labels)

@@ -1,8 +1,8 @@
 """Serving vocabseg over HTTP: a Gradio page at ``/`` and a REST API under ``/api/v1``, on one FastAPI app.
 
->>> from vocabseg.serve import ServeConfig, create_app   # doctest: +SKIP
+>>> from vocabseg.serve import ServeConfig, create_app, run_server   # doctest: +SKIP
 >>> app = create_app(lambda method: Segmenter(method=method), ServeConfig(workers=1))  # doctest: +SKIP
->>> uvicorn.run(app, host="127.0.0.1", port=7860)  # doctest: +SKIP
+>>> run_server(app)  # on the config's host and port, until SIGINT/SIGTERM  # doctest: +SKIP
 
 Needs the ``web`` extra (``pip install 'vocabseg[web]'``); ``vocabseg`` itself imports without it.
 """
@@ -16,7 +16,7 @@ from .config import ServeConfig
 
 WEB_PACKAGES = {"fastapi": "fastapi", "gradio": "gradio", "uvicorn": "uvicorn", "multipart": "python-multipart"}
 
-__all__ = ["ServeConfig", "create_app", "require_web"]
+__all__ = ["ServeConfig", "create_app", "require_web", "run_server"]
 
 
 def require_web() -> None:
@@ -28,10 +28,10 @@ def require_web() -> None:
         )
 
 
-def __getattr__(name: str) -> Any:  # create_app imports fastapi and gradio: only when asked for
-    if name == "create_app":
+def __getattr__(name: str) -> Any:  # the app imports fastapi and gradio: only when asked for
+    if name in ("create_app", "run_server"):
         require_web()
-        from .app import create_app
+        from . import app
 
-        return create_app
+        return getattr(app, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,10 @@
 """The REST API: ``POST /api/v1/segment``, ``GET /api/v1/methods`` and ``GET /health``.
 
 Every error a client can cause is answered with a 4xx and a ``detail`` message saying what to fix:
-413 (upload or image too large), 415 (not an image), 422 (bad fields, classes or method), 503 with
-``Retry-After`` when the queue is full. Uploads are read into memory, never written under a name.
+413 (upload or image too large), 415 (not an image), 422 (bad fields, classes or method). The server's
+own conditions are 5xx with a ``detail`` too: 503 when the queue is full (with ``Retry-After``) or the
+server is stopping, 504 past the time limit per request, 500 for an unexpected failure (its traceback
+goes to the log). Uploads are read into memory, never written under a name.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route's Annotated[...] parameters at
@@ -10,6 +12,7 @@ Every error a client can cause is answered with a 4xx and a ``detail`` message s
 import base64
 import io
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -18,10 +21,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..errors import ImageLoadError, ImageTooLargeError, VocabsegError
+from ..errors import ImageLoadError, ImageTooLargeError, SegmentationFailedError, VocabsegError
 from ..io import rle
 from ..result import SegmentationResult
-from .engine import Engine, ServerBusyError
+from .engine import Engine, ServerBusyError, ServiceError
+
+log = logging.getLogger(__name__)
 
 PNG_DESCRIPTION = "PNG of class indices (mode P, 8-bit; the palette holds the class colours)"
 
@@ -79,14 +84,19 @@ ERRORS = {
     413: {"model": ErrorResponse, "description": "upload above the byte limit, or image above the pixel limit"},
     415: {"model": ErrorResponse, "description": "the upload is not a readable image"},
     422: {"model": ErrorResponse, "description": "missing or invalid fields, classes or method"},
-    503: {"model": ErrorResponse, "description": "request queue full; retry after the Retry-After seconds"},
+    500: {"model": ErrorResponse, "description": "unexpected failure; the server log has the details"},
+    503: {
+        "model": ErrorResponse,
+        "description": "request queue full (retry after the Retry-After seconds), or the server is stopping",
+    },
+    504: {"model": ErrorResponse, "description": "the request took longer than the server's time limit"},
 }
 
 
 def error_status(exc: BaseException) -> int:
-    """The HTTP status of an error a request caused (4xx), or 503 when the server is busy."""
-    if isinstance(exc, ServerBusyError):
-        return 503
+    """The HTTP status of an error a request caused (4xx), or of the server's condition (5xx)."""
+    if isinstance(exc, ServiceError):
+        return exc.status
     if isinstance(exc, ImageTooLargeError):
         return 413
     if isinstance(exc, ImageLoadError):
@@ -94,10 +104,25 @@ def error_status(exc: BaseException) -> int:
     return 422
 
 
-def error_response(exc: VocabsegError | ServerBusyError) -> JSONResponse:
+def error_response(exc: VocabsegError | ServiceError) -> JSONResponse:
     status = error_status(exc)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServerBusyError) else None
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+def internal_error_response(exc: BaseException) -> JSONResponse:
+    """A JSON 500 naming the exception's type only: its message and traceback may show server internals."""
+    detail = f"Internal server error ({type(exc.__cause__ or exc).__name__}); the server log has the details."
+    return JSONResponse({"detail": detail}, status_code=500)
+
+
+def exception_response(exc: Exception) -> JSONResponse:
+    """The JSON answer to any failure of a request: what to fix (4xx), the server's condition (5xx), or
+    a 500 for an unexpected error, whose traceback is logged."""
+    if isinstance(exc, (VocabsegError, ServiceError)) and not isinstance(exc, SegmentationFailedError):
+        return error_response(exc)
+    log.error("request failed unexpectedly", exc_info=exc)
+    return internal_error_response(exc)
 
 
 def labels_png(result: SegmentationResult) -> bytes:
@@ -161,24 +186,22 @@ def build_router(engine: Engine) -> APIRouter:
         area_threshold: Annotated[float | None, Form(ge=0, le=1, description="drop classes below this area")] = None,
     ) -> Any:
         try:
-            with engine.queue.admitted():
-                data = await image.read()
-                result = await run_in_threadpool(
-                    engine.segment,
-                    data,
-                    classes,
-                    method=method or None,
-                    background=background,
-                    prob_threshold=prob_threshold,
-                    area_threshold=area_threshold,
-                )
-                if wants_png(request.headers.get("accept", "")):
-                    headers = {"X-Classes": json.dumps(result.classes)}  # ASCII: json escapes the rest
-                    png = await run_in_threadpool(labels_png, result)
-                    return Response(png, media_type="image/png", headers=headers)
-                return await run_in_threadpool(result_payload, result)
-        except (VocabsegError, ServerBusyError) as exc:
-            return error_response(exc)
+            result = await engine.run(
+                await image.read(),
+                classes,
+                method=method or None,
+                background=background,
+                prob_threshold=prob_threshold,
+                area_threshold=area_threshold,
+                client_gone=request.is_disconnected,
+            )
+            if wants_png(request.headers.get("accept", "")):
+                headers = {"X-Classes": json.dumps(result.classes)}  # ASCII: json escapes the rest
+                png = await run_in_threadpool(labels_png, result)
+                return Response(png, media_type="image/png", headers=headers)
+            return await run_in_threadpool(result_payload, result)
+        except Exception as exc:
+            return exception_response(exc)
         finally:
             await image.close()
 
@@ -205,6 +228,9 @@ def build_health_router(engine: Engine) -> APIRouter:
                 "max_upload_bytes": config.max_upload_bytes,
                 "max_pixels": config.max_pixels,
                 "max_classes": config.max_classes,
+                "max_names": config.max_names,
+                "max_name_chars": config.max_name_chars,
+                "request_timeout": config.request_timeout,
             },
         }
 

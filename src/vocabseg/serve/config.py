@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..errors import SettingsError
 from ..io.images import DEFAULT_MAX_PIXELS
 
 
@@ -16,7 +17,14 @@ class ServeConfig:
         host, port: where uvicorn binds; loopback unless the operator asks otherwise.
         max_upload_bytes: larger request bodies (API) and uploads (page) are refused with 413.
         max_pixels: larger images are refused with 413 from their header, before decoding.
-        max_classes: more classes in one request are refused with 422 (text encoding cost grows with it).
+        max_classes: more classes in one request are refused with 422.
+        max_names: more names in one request (classes, their ``;`` synonyms and background names) are
+            refused with 422: every name is encoded once per prompt template, so the text encoding
+            cost grows with the names, not the classes.
+        max_name_chars: a longer name is refused with 422.
+        request_timeout: seconds a request may take (waiting for a worker included) before it is
+            answered 504; a segmentation that already started still finishes in the background.
+        shutdown_grace: seconds a running request is given to finish once the server is told to stop.
         workers: requests that run on the model at the same time.
         queue_size: requests that may wait for a worker; beyond that the API answers 503 + Retry-After.
         default_method: the method used when a request names none (``None``: the first one offered).
@@ -30,16 +38,24 @@ class ServeConfig:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_classes: int = 100
+    max_names: int = 200
+    max_name_chars: int = 200
+    request_timeout: float = 300.0
+    shutdown_grace: float = 10.0
     workers: int = 1
     queue_size: int = 8
     default_method: str | None = None
     examples_dir: Path | None = None
     keep_seconds: int = 600
-    title: str = "vocabseg: open-vocabulary segmentation"
+    title: str = "vocabseg: open-vocabulary semantic segmentation"
 
     def __post_init__(self) -> None:
-        positive = ("max_upload_bytes", "max_classes", "workers", "keep_seconds")
+        positive = ("max_upload_bytes", "max_classes", "max_names", "max_name_chars", "workers", "keep_seconds")
         bad = [name for name in positive if getattr(self, name) < 1]
+        if not self.request_timeout > 0:
+            bad.append("request_timeout")
+        if not self.shutdown_grace >= 0:
+            bad.append("shutdown_grace")
         if self.queue_size < 0:
             bad.append("queue_size")
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -47,14 +63,17 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             bad.append("port")
         if bad:
-            raise ValueError(f"Invalid server setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise SettingsError(f"Invalid server setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.examples_dir is not None and not Path(self.examples_dir).is_dir():
+            raise SettingsError(f"examples_dir (--examples) {self.examples_dir} is not a folder of example images.")
 
     def limits_text(self) -> str:
-        """The limits clients run into, for the start-up banner and /health."""
+        """The limits clients run into, for the start-up banner."""
         pixels = "none" if self.max_pixels is None else f"{self.max_pixels:,} pixels"
         return (
             f"upload limit {self.max_upload_bytes:,} bytes, image limit {pixels}, "
-            f"at most {self.max_classes} classes; {self.workers} worker(s), queue of {self.queue_size}"
+            f"at most {self.max_classes} classes and {self.max_names} names ({self.max_name_chars} characters each), "
+            f"{self.request_timeout:g} s per request; {self.workers} worker(s), queue of {self.queue_size}"
         )
 
     def to_dict(self) -> dict[str, object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -20,12 +21,15 @@ from typing import Any
 import gradio as gr
 import numpy as np
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import VocabsegError
 from ..methods import get_method_spec
 from ..result import SegmentationResult
 from .api import labels_png
-from .engine import Engine, ServerBusyError
+from .engine import Engine, ServiceError
+
+log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 DISPLAY_MAX_SIDE = 1600  # the annotated image is drawn at most this large (downloads keep full size)
@@ -212,7 +216,7 @@ class PageActions:
     def method_update(self) -> dict[str, Any]:
         return gr.update(choices=method_choices(self.engine))
 
-    def segment(
+    async def segment(
         self, path: str | None, classes: str, method: str | None, prob: float, names: str, opacity: float
     ) -> tuple[Any, ...]:
         """-> annotated image, legend, downloads, state, status message, method picker, method note."""
@@ -221,25 +225,29 @@ class PageActions:
             message = "Upload an image first (drag and drop, paste, or pick an example)."
         else:
             try:
-                with self.engine.queue.admitted():
-                    result = self.engine.segment(path, classes, method=method, background=names, prob_threshold=prob)
-            except (VocabsegError, ServerBusyError) as exc:
+                result = await self.engine.run(path, classes, method=method, background=names, prob_threshold=prob)
+                return await run_in_threadpool(self._show, result, method, opacity)
+            except (VocabsegError, ServiceError) as exc:
                 message = str(exc).replace(str(path), Path(path).name)  # gradio's cache path means nothing to users
-            else:
-                view = ResultView.of(result)
-                height, width = result.labels.shape
-                return (
-                    annotated_value(view, opacity),
-                    legend_html(view),
-                    write_downloads(result, self.scratch.new_folder()),
-                    view,
-                    f"Segmented {width}x{height} with {method}.",
-                    self.method_update(),
-                    method_note(self.engine, method),
-                )
+            except Exception as exc:
+                log.exception("segmentation from the page failed")
+                message = f"Internal server error ({type(exc).__name__}); the server log has the details."
         gr.Warning(message)
         error = f"**Error:** {html.escape(message)}"
         return None, "", None, None, error, self.method_update(), method_note(self.engine, method)
+
+    def _show(self, result: SegmentationResult, method: str, opacity: float) -> tuple[Any, ...]:
+        view = ResultView.of(result)
+        height, width = result.labels.shape
+        return (
+            annotated_value(view, opacity),
+            legend_html(view),
+            write_downloads(result, self.scratch.new_folder()),
+            view,
+            f"Segmented {width}x{height} with {method}.",
+            self.method_update(),
+            method_note(self.engine, method),
+        )
 
     def redraw(self, view: ResultView | None, opacity: float) -> Any:
         return annotated_value(view, opacity) if view is not None else gr.skip()
