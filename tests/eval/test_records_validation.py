@@ -142,3 +142,16 @@ def test_the_command_line_prints_one_warning_line_per_invalid_record(tmp_path, t
     assert lines == [f"vocabseg: warning: recomputing the invalid record {path}: a count is negative: "
                      f"{-max(record['count'])}."]  # fmt: skip
     assert json.loads((run / "result.json").read_text())["computed"] == 1
+
+
+def test_run_identity_holds_every_plain_method_option(tiny_clip):
+    """String and tuple options (not only numbers) reach the run id; modules are left to the fingerprint."""
+    from vocabseg.eval.records import _method_options
+    from vocabseg.methods import create_method
+
+    naclip = _method_options(create_method("naclip", clip=tiny_clip, gaussian_std=3.0))
+    assert naclip == {"gaussian_std": 3.0}
+    proxy = _method_options(create_method("proxyclip", clip=tiny_clip, vfm=lambda x: x[:, :8, ::8, ::8]))
+    assert "vfm" not in proxy and proxy["gamma"] == 3.0
+    som, l2 = (_method_options(create_method("sfp", clip=tiny_clip, outlier=o)) for o in ("som", "l2norm"))
+    assert som["outlier"] == "som" and l2["outlier"] == "l2norm"

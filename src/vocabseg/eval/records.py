@@ -69,8 +69,18 @@ def run_identity(segmenter: Segmenter, dataset: SegDataset, config: InferenceCon
 
 
 def _method_options(method: torch.nn.Module) -> dict[str, Any]:
-    """Scalar hyper-parameters of a method (ProxyCLIP's gamma/beta, NACLIP's gaussian_std...)."""
-    return {k: v for k, v in sorted(vars(method).items()) if not k.startswith("_") and isinstance(v, (int, float))}
+    """The options a method was built with (ProxyCLIP's gamma/beta, SFP's outlier mode...): those
+    :func:`~vocabseg.methods.create_method` recorded, else its scalar attributes. Modules (a VFM
+    passed as an object) are left out: the weights fingerprint covers them."""
+    options = getattr(method, "method_options", None)
+    if options is None:
+        options = {k: v for k, v in vars(method).items() if not k.startswith("_")}
+    plain = (bool, int, float, str, type(None))
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in sorted(options.items())
+        if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))
+    }
 
 
 def run_id(identity: dict[str, Any]) -> str:
