@@ -46,3 +46,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of ``text`` as UTF-8."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def evict_least_recently_used(folder: str | os.PathLike, pattern: str, max_bytes: int, keep: Path) -> None:
+    """Delete the files of ``folder`` matching ``pattern`` with the oldest modification time (which
+    cache reads touch) until they total at most ``max_bytes``; ``keep``, just written, stays."""
+    files = []
+    for f in Path(folder).glob(pattern):
+        try:
+            st = f.stat()
+        except OSError:  # removed by another process meanwhile
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    for _, size, f in sorted(files):
+        if total <= max_bytes:
+            break
+        if f != keep:
+            f.unlink(missing_ok=True)
+            total -= size

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import SettingsError, VocabularyError
-from ..io.files import atomic_write
+from ..io.files import atomic_write, evict_least_recently_used
 from ..models.clip import has_random_weights
 from ..models.fingerprint import weights_fingerprint
 from .tower import encode_text_fast, pooled_positions
@@ -193,22 +193,8 @@ class TextEncoder:
         self._evict(keep=path)
 
     def _evict(self, keep: Path) -> None:
-        """Delete the least recently used cache files (oldest modification, which reads touch) until
-        the folder is within ``cache_max_bytes``; ``keep``, just written, stays."""
-        files = []
-        for f in keep.parent.glob("*.safetensors"):
-            try:
-                st = f.stat()
-            except OSError:  # removed by another process meanwhile
-                continue
-            files.append((st.st_mtime, st.st_size, f))
-        total = sum(size for _, size, _ in files)
-        for _, size, f in sorted(files):
-            if total <= self.cache_max_bytes:
-                break
-            if f != keep:
-                f.unlink(missing_ok=True)
-                total -= size
+        """Delete the least recently used cache files until the folder is within ``cache_max_bytes``."""
+        evict_least_recently_used(keep.parent, "*.safetensors", self.cache_max_bytes, keep)
 
     @torch.no_grad()
     def encode(self, names: Sequence[str], per_template: bool = False) -> torch.Tensor:
