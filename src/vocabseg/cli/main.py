@@ -24,6 +24,10 @@ SUBCOMMANDS = {
     "serve": ("vocabseg.cli.serve", "start the web page and the REST API"),
     "train": ("vocabseg.cli.train", "train a method from a recipe (single process or torchrun DDP)"),
     "recipes": ("vocabseg.cli.recipes", "list training recipes and their key settings"),
+    "export": (
+        "vocabseg.cli.export",
+        "export a method's image side to ONNX (features, or logits for fixed classes)",
+    ),
 }
 
 

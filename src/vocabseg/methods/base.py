@@ -9,6 +9,8 @@ windows, the conversion of logits into probabilities, thresholds, refinement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,16 +73,29 @@ class DenseCLIPMethod(SegmentationMethod):
     ) -> torch.Tensor:
         """Cosine of the unit dense features with the unit text (SCLIP lineage), bilinearly
         upsampled to the window; with ``surgery`` the CLIP-Surgery logits instead."""
-        h, w = windows.shape[-2:]
-        left, right, top, bottom = centered_padding(h, w, pad_multiple)
-        padded = F.pad(windows, (left, right, top, bottom)) if (left or right or top or bottom) else windows
-        if surgery:
-            dense, global_emb = self(padded, return_global=True)
-        else:
-            dense, global_emb = self(padded), None
-        feats = F.normalize(dense.float(), dim=1)
-        cos = torch.einsum("bchw,kc->bkhw", feats, text)
-        if global_emb is not None:
-            cos = surgery_logits(cos, F.normalize(global_emb.float(), dim=-1), text)
-        cos = F.interpolate(cos, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        return cos[:, :, top : top + h, left : left + w]
+        return dense_cosine_logits(self, windows, text, pad_multiple=pad_multiple, surgery=surgery)
+
+
+#: ``features(images, return_global)``: dense features (B, E, h, w), with ``return_global`` also the
+#: global embedding (B, E); a :class:`DenseCLIPMethod` itself, or an exported copy run by another runtime
+DenseFeatures = Callable[[torch.Tensor, bool], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+
+
+def dense_cosine_logits(
+    features: DenseFeatures, windows: torch.Tensor, text: torch.Tensor, *, pad_multiple: int = 0, surgery: bool = False
+) -> torch.Tensor:
+    """The logits of :meth:`DenseCLIPMethod.logits` from any implementation of its features (so an
+    inference backend swaps the forward pass and keeps padding, cosine, surgery and upsampling)."""
+    h, w = windows.shape[-2:]
+    left, right, top, bottom = centered_padding(h, w, pad_multiple)
+    padded = F.pad(windows, (left, right, top, bottom)) if (left or right or top or bottom) else windows
+    if surgery:
+        dense, global_emb = features(padded, True)
+    else:
+        dense, global_emb = features(padded, False), None
+    feats = F.normalize(dense.float(), dim=1)
+    cos = torch.einsum("bchw,kc->bkhw", feats, text)
+    if global_emb is not None:
+        cos = surgery_logits(cos, F.normalize(global_emb.float(), dim=-1), text)
+    cos = F.interpolate(cos, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return cos[:, :, top : top + h, left : left + w]
