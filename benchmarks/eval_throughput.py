@@ -48,7 +48,7 @@ class Replay:
     def __getattr__(self, name: str):
         return getattr(self._segmenter, name)
 
-    def predict_arrays(self, arrays, vocab, config, progress=None):
+    def predict_arrays(self, arrays, vocab, config, progress=None, return_probs=True):
         return [self._recorded[_key(a)] for a in arrays]
 
 

@@ -22,20 +22,35 @@ class SegmentationResult:
     labels: (H, W) int32 class indices at the input image's size, indexing ``classes``.
     classes: display names (first name of each class; ``background`` if one was used).
     probs: (C, H, W) float32 class probabilities (softmax over all names, synonyms max-merged;
-        0 for a background class that has no text names and is reached only by thresholding).
+        0 for a background class that has no text names and is reached only by thresholding), or
+        ``None`` when segmented with ``return_probs=False``.
     image: (H, W, 3) uint8 RGB input, as segmented (after EXIF rotation).
     synonyms: every name of each class.
     background_index: index of the background class in ``classes``, if any.
     info: how the result was made (method, model, settings), written into ``result.json``.
+    scores: (H, W) float32 probability of each pixel's label class, given when ``probs`` is not
+        kept; otherwise read from ``probs`` (see :attr:`label_scores`).
     """
 
     labels: np.ndarray
     classes: list[str]
-    probs: np.ndarray
+    probs: np.ndarray | None
     image: np.ndarray
     synonyms: list[list[str]] = field(default_factory=list)
     background_index: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    scores: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.probs is None and self.scores is None:
+            raise ValueError("A SegmentationResult needs its class probabilities (probs) or its label scores (scores).")
+
+    @property
+    def label_scores(self) -> np.ndarray:
+        """(H, W) float32: each pixel's probability of the class it is labelled with."""
+        if self.scores is not None:
+            return self.scores
+        return np.take_along_axis(self.probs, self.labels[None].astype(np.intp), axis=0)[0]
 
     @property
     def colors(self) -> np.ndarray:
@@ -45,6 +60,7 @@ class SegmentationResult:
         """Per class: pixel count, area fraction and the mean probability over its pixels (``None`` if
         not finite)."""
         counts = np.bincount(self.labels.reshape(-1), minlength=len(self.classes))
+        scores = self.label_scores
         stats = []
         for i, name in enumerate(self.classes):
             mask = self.labels == i
@@ -56,7 +72,7 @@ class SegmentationResult:
                     "color": [int(c) for c in self.colors[i]],
                     "pixels": int(counts[i]),
                     "area": float(counts[i] / self.labels.size),
-                    "mean_score": _finite(float(self.probs[i][mask].mean())) if counts[i] else 0.0,
+                    "mean_score": _finite(float(scores[mask].mean())) if counts[i] else 0.0,
                 }
             )
         return stats

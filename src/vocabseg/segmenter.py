@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -16,7 +20,7 @@ from torch import nn
 from .errors import CheckpointError, MethodOptionError, SegmentationFailedError, SettingsError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
-from .inference.postprocess import class_probabilities, decide_labels
+from .inference.postprocess import class_probabilities, decide_labels, stream_labels
 from .inference.sliding import rescaled_size, resize_image, sliding_window_logits
 from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_name
 from .methods import create_method, get_method_spec, list_methods
@@ -30,6 +34,8 @@ from .text.templates import resolve_templates
 from .text.vocabulary import Vocabulary, parse_background
 
 ClassesLike = str | Sequence[str | Sequence[str]] | Vocabulary
+T = TypeVar("T")
+R = TypeVar("R")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -137,7 +143,8 @@ class Segmenter:
         method_kwargs: extra method options (``gamma``, ``beta``, ``gaussian_std``...; see
             ``get_method_spec(name).options``).
         **settings: overrides of the method's :class:`InferenceConfig` defaults (``short_side``,
-            ``crop``, ``stride``, ``logit_scale``, ``prob_threshold``, ``pamr_steps``...).
+            ``crop``, ``stride``, ``logit_scale``, ``prob_threshold``, ``pamr_steps``...). The
+            default ``batch_size=0`` becomes this device's number of windows per forward pass.
 
     Example:
         >>> seg = Segmenter(method="sclip", model="ViT-B-16", pretrained="openai")  # doctest: +SKIP
@@ -167,8 +174,9 @@ class Segmenter:
         # every check of the arguments comes first, so mistakes cost no model load
         built = method if isinstance(method, nn.Module) else None
         self.spec: MethodSpec = get_method_spec(built.method_name if built is not None else method)
-        self.config = self.spec.defaults.updated(**settings)
+        config = self.spec.defaults.updated(**settings)
         self.device = _resolve_device(device)
+        self.config = config.for_device(self.device)
         self.dtype = _resolve_dtype(dtype, self.device)
         _check_max_pixels(max_pixels)
         if surgery and self.spec.trainable:
@@ -295,7 +303,8 @@ class Segmenter:
         return vocab
 
     def settings(self, **overrides: Any) -> InferenceConfig:
-        return self.config.updated(**overrides)
+        """The settings a call with ``overrides`` runs with (``batch_size`` resolved for the device)."""
+        return self.config.updated(**overrides).for_device(self.device)
 
     @torch.inference_mode()
     def segment(
@@ -305,6 +314,7 @@ class Segmenter:
         *,
         background: str | Sequence[str] | None = None,
         progress: Callable[[int], None] | None = None,
+        return_probs: bool = True,
         **overrides: Any,
     ) -> SegmentationResult | list[SegmentationResult]:
         """Segment one image (returns a result) or a list of images (returns a list).
@@ -314,16 +324,23 @@ class Segmenter:
             classes: ``"car, road, person; man"``, a list (``;`` synonyms allowed) or a Vocabulary.
             background: background names (``"sky; wall"`` or a list): adds a ``background`` class.
             progress: called with the number of windows processed after each batch.
+            return_probs: keep the (C, H, W) class probabilities in ``result.probs``. ``False`` keeps
+                only the labels and each pixel's score (all that ``result.json`` reports) and never
+                holds the logits of every name at the image's size: for large vocabularies.
             **overrides: per-call inference settings (``prob_threshold=0.2``...).
         """
         single = not isinstance(images, (list, tuple))
         sources = [images] if single else list(images)
-        results = [
-            o.result
-            for o in self.segment_many(
-                sources, classes, background=background, images_per_batch=len(sources), progress=progress, **overrides
-            )
-        ]
+        outcomes = self.segment_many(
+            sources,
+            classes,
+            background=background,
+            images_per_batch=len(sources),
+            progress=progress,
+            return_probs=return_probs,
+            **overrides,
+        )
+        results = [o.result for o in outcomes]
         return results[0] if single else results
 
     def segment_many(
@@ -336,6 +353,8 @@ class Segmenter:
         images_per_batch: int = 4,
         progress: Callable[[int], None] | None = None,
         max_pixels: int | None | str = DEFAULT,
+        return_probs: bool = True,
+        prefetch: int = 0,
         **overrides: Any,
     ) -> Iterator[SegmentOutcome]:
         """Segment a stream of images, ``images_per_batch`` at a time, yielding one outcome per image
@@ -346,45 +365,56 @@ class Segmenter:
         unexpectedly (a :class:`SegmentationFailedError` whose ``__cause__`` is the original exception).
         With ``"raise"`` the error is raised as it is.
         The classes and settings are checked at once (before the first outcome is asked for). ``max_pixels`` overrides
-        the Segmenter's limit for these images (a server applies its own).
+        the Segmenter's limit for these images (a server applies its own). ``return_probs``: see
+        :meth:`segment`. ``prefetch`` > 0 decodes up to that many images ahead on a background thread
+        (:func:`map_ahead`), so the model does not wait for decoding; outcomes and errors are the same.
+        Close the iterator (``contextlib.closing``) when stopping early to stop that thread at once.
         """
         if on_error not in ("raise", "skip"):
             raise SettingsError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if images_per_batch < 1:
             raise SettingsError(f"images_per_batch (--images-per-batch) must be at least 1, got {images_per_batch}")
+        if not (isinstance(prefetch, int) and prefetch >= 0):
+            raise SettingsError(f"prefetch must be a number of images >= 0, got {prefetch!r}")
         config = self.settings(**overrides)
         vocab = self.vocabulary(classes, background, config.prob_threshold)
         limit = self.max_pixels if max_pixels == DEFAULT else max_pixels
-        return self._outcomes(images, vocab, config, on_error, images_per_batch, limit, progress)
+        flush = functools.partial(
+            self._flush, vocab=vocab, config=config, on_error=on_error, progress=progress, return_probs=return_probs
+        )
+        return self._outcomes(images, flush, on_error, images_per_batch, limit, prefetch)
 
-    def _outcomes(self, images, vocab, config, on_error, images_per_batch, limit, progress) -> Iterator[SegmentOutcome]:
+    def _outcomes(self, images, flush, on_error, images_per_batch, limit, prefetch) -> Iterator[SegmentOutcome]:
         pending: list[tuple[int, ImageSource, np.ndarray]] = []
-        for index, source in enumerate(images):
-            try:
-                pending.append((index, source, load_image(source, limit)))
-            except Exception as exc:
-                if on_error == "raise":
-                    raise
-                yield from self._flush(pending, vocab, config, on_error, progress)
-                pending = []
-                yield SegmentOutcome(index, source, error=_outcome_error(exc, source))
-                continue
-            if len(pending) == images_per_batch:
-                yield from self._flush(pending, vocab, config, on_error, progress)
-                pending = []
-        yield from self._flush(pending, vocab, config, on_error, progress)
+        decode = functools.partial(load_image, max_pixels=limit)
+        with contextlib.closing(map_ahead(decode, images, prefetch)) as decoded:
+            for index, (source, image) in enumerate(decoded):
+                if isinstance(image, Exception):
+                    if on_error == "raise":
+                        raise image
+                    yield from flush(pending)
+                    pending = []
+                    yield SegmentOutcome(index, source, error=_outcome_error(image, source))
+                    continue
+                pending.append((index, source, image))
+                if len(pending) == images_per_batch:
+                    yield from flush(pending)
+                    pending = []
+            yield from flush(pending)
 
-    def _flush(self, pending, vocab, config, on_error, progress) -> Iterator[SegmentOutcome]:
+    def _flush(self, pending, vocab, config, on_error, progress, return_probs) -> Iterator[SegmentOutcome]:
         if not pending:
             return
         try:
-            results = self.predict_arrays([a for _, _, a in pending], vocab, config, progress=progress)
+            results = self.predict_arrays(
+                [a for _, _, a in pending], vocab, config, progress=progress, return_probs=return_probs
+            )
         except Exception as exc:
             if on_error == "raise":
                 raise
             if len(pending) > 1:  # find the image at fault: the others still get their results
                 for item in pending:
-                    yield from self._flush([item], vocab, config, on_error, progress)
+                    yield from self._flush([item], vocab, config, on_error, progress, return_probs)
                 return
             index, source, _ = pending[0]
             yield SegmentOutcome(index, source, error=_outcome_error(exc, source))
@@ -399,8 +429,16 @@ class Segmenter:
         vocab: Vocabulary,
         config: InferenceConfig,
         progress: Callable[[int], None] | None = None,
+        return_probs: bool = True,
     ) -> list[SegmentationResult]:
-        """Segment decoded (H, W, 3) uint8 images with an explicit vocabulary and settings."""
+        """Segment decoded (H, W, 3) uint8 images with an explicit vocabulary and settings.
+
+        The window logits are averaged at the resized image's size, then brought to the input's size
+        (bilinear, then PAMR if on) and scored. With ``return_probs=False`` that happens a few names
+        at a time (:func:`~vocabseg.inference.postprocess.stream_labels`; upsampling and PAMR act on
+        each name's map alone, so the labels are the same), and ``result.probs`` is ``None``.
+        """
+        config = config.for_device(self.device)
         if config.score == "sigmoid":  # independent per-class scores: the background is the threshold
             vocab = vocab.without_background_names()
         text = self.text_encoder.encode(vocab.prompt_names, per_template=self.spec.text_input == "per_template")
@@ -416,24 +454,43 @@ class Segmenter:
         logits = sliding_window_logits(
             resized, window_logits, config.crop, config.stride, config.batch_size, progress, self._min_window()
         )
-        pamr = PAMR(config.pamr_steps, config.pamr_dilations)
+        pamr = PAMR(config.pamr_steps, config.pamr_dilations) if config.pamr_steps > 0 else None
         results = []
-        for array, small, image_logits in zip(arrays, resized, logits):
+        for i, (array, small) in enumerate(zip(arrays, resized)):
             size = array.shape[:2]
-            full = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)
-            if config.pamr_steps > 0:
-                full = pamr(resize_image(small[None].float(), size), full)
-            probs = class_probabilities(full[0], config.logit_scale, vocab.name_to_class, len(vocab), config.score)
-            labels = decide_labels(probs, vocab.background_index, config.prob_threshold, config.area_threshold)
+            guide = resize_image(small[None].float(), size) if pamr is not None else None
+            full_logits = functools.partial(_full_size_logits, logits[i], size, pamr, guide)
+            probs = scores = None
+            if return_probs:
+                probs = class_probabilities(
+                    full_logits(None), config.logit_scale, vocab.name_to_class, len(vocab), config.score
+                )
+                labels = decide_labels(probs, vocab.background_index, config.prob_threshold, config.area_threshold)
+                probs = probs.cpu().numpy().astype(np.float32, copy=False)
+            else:
+                labels, scores = stream_labels(
+                    full_logits,
+                    vocab.name_to_class,
+                    len(vocab),
+                    config.logit_scale,
+                    config.score,
+                    vocab.background_index,
+                    config.prob_threshold,
+                    config.area_threshold,
+                )
+                scores = scores.cpu().numpy().astype(np.float32, copy=False)
+            del full_logits
+            logits[i] = None  # this image's logits are no longer needed
             results.append(
                 SegmentationResult(
                     labels=labels.cpu().numpy().astype(np.int32),
                     classes=vocab.class_names,
-                    probs=probs.cpu().numpy().astype(np.float32),
+                    probs=probs,
                     image=array,
                     synonyms=[list(c.names) for c in vocab.classes],
                     background_index=vocab.background_index,
                     info=self.describe(config),
+                    scores=scores,
                 )
             )
         return results
@@ -445,7 +502,7 @@ class Segmenter:
             "model": self.clip.name,
             "surgery": self.surgery,
             "templates": self.template_name,
-            "settings": (config or self.config).to_dict(),
+            "settings": (config or self.config).for_device(self.device).to_dict(),
         }
         if self.spec.trainable:
             info["weights"] = self.weights_source or "random (weights=None)"
@@ -464,6 +521,54 @@ class Segmenter:
             / 255.0
         )
         return (x - self._mean) / self._std
+
+
+def _full_size_logits(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    pamr: PAMR | None,
+    guide: torch.Tensor | None,
+    names: list[int] | None,
+) -> torch.Tensor:
+    """(n, H, W): the given names' (all with ``None``) averaged logits at the input image's size."""
+    chosen = logits if names is None else logits[names]
+    full = F.interpolate(chosen[None], size=size, mode="bilinear", align_corners=False)
+    return (pamr(guide, full) if pamr is not None else full)[0]
+
+
+def map_ahead(function: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[tuple[T, R | Exception]]:
+    """``(item, function(item))`` for every item in order, ``function`` running on one background
+    thread up to ``depth`` items ahead of the caller (``depth=0``: in the caller's thread, no thread).
+
+    Image decoding and PNG encoding (PIL) and the model (torch) release the GIL, so reading the
+    next images or writing the last results overlaps with segmenting. An exception raised by
+    ``function`` is handed over in place of its result; one raised while iterating ``items`` reaches
+    the caller at once. Closing the iterator, or an exception passing through it, cancels the items
+    not started and waits for the one at hand, so no thread outlives it.
+    """
+    if depth <= 0:
+        for item in items:
+            yield _settled(item, functools.partial(function, item))
+        return
+    pending: deque[tuple[T, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocabseg-ahead") as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(function, item)))
+                if len(pending) > depth:
+                    yield _settled(*pending.popleft())
+            while pending:
+                yield _settled(*pending.popleft())
+        finally:  # the pool's exit then waits for the item at hand
+            for _, future in pending:
+                future.cancel()
+
+
+def _settled(item: T, work: Future | Callable[[], R]) -> tuple[T, R | Exception]:
+    try:
+        return item, work.result() if isinstance(work, Future) else work()
+    except Exception as exc:
+        return item, exc
 
 
 def _outcome_error(exc: Exception, source: ImageSource) -> VocabsegError:

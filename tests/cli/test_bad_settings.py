@@ -28,7 +28,7 @@ BAD = [  # (arguments, what the message must say besides "vocabseg: error:")
     (["--logit-scale", "nan"], ["--logit-scale", "a finite number > 0"]),
     (["--logit-scale", "-1"], ["--logit-scale", "a finite number > 0"]),
     (["--logit-scale", "inf"], ["--logit-scale", "a finite number > 0"]),
-    (["--batch-size", "0"], ["--batch-size", "an integer > 0"]),
+    (["--batch-size", "-1"], ["--batch-size", "an integer >= 0"]),
     (["--pamr-dilations", "0"], ["--pamr-dilations", "integers > 0"]),
     (["--max-pixels", "0"], ["--max-pixels", "positive number of pixels"]),
     (["--max-pixels", "-1"], ["--max-pixels", "positive number of pixels"]),

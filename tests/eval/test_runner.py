@@ -46,7 +46,7 @@ class OracleSegmenter:
     def describe(self, config=None):
         return {"method": "sclip", "model": "oracle", "surgery": False, "templates": "x", "settings": config.to_dict()}
 
-    def predict_arrays(self, arrays, vocab, config, progress=None):
+    def predict_arrays(self, arrays, vocab, config, progress=None, return_probs=True):
         out = []
         for a in arrays:
             sample = self._samples[self._key(a)]

@@ -32,7 +32,7 @@ BAD_SETTINGS = [  # (Segmenter keyword arguments, text the SettingsError must co
     ({"logit_scale": NAN}, "logit_scale=nan (--logit-scale) must be a finite number > 0"),
     ({"logit_scale": -1}, "logit_scale=-1 (--logit-scale) must be a finite number > 0"),
     ({"logit_scale": INF}, "logit_scale=inf (--logit-scale) must be a finite number > 0"),
-    ({"batch_size": 0}, "batch_size=0 (--batch-size) must be an integer > 0"),
+    ({"batch_size": -1}, "batch_size=-1 (--batch-size) must be an integer >= 0"),
     ({"pamr_dilations": (0,)}, "pamr_dilations=(0,) (--pamr-dilations) must be one or more integers > 0"),
     ({"pamr_dilations": ()}, "pamr_dilations=() (--pamr-dilations)"),
     ({"pad_multiple": 5000},

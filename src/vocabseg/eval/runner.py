@@ -203,7 +203,7 @@ def evaluate(
         labels = [dataset.read_label(s) for s in batch]
         for image, label, s in zip(images, labels, batch):
             check_same_size(image, label, s, dataset.name)
-        results = segmenter.predict_arrays(images, dataset.vocabulary_for(batch[0]), config)
+        results = segmenter.predict_arrays(images, dataset.vocabulary_for(batch[0]), config, return_probs=False)
         for s, label, res in zip(batch, labels, results):
             counts = scorer.counts(np.asarray(res.labels), label, s)
             if store is not None:

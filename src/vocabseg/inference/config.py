@@ -14,9 +14,12 @@ import numbers
 import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SettingsError
+
+if TYPE_CHECKING:
+    import torch
 
 #: the ways logits become probabilities (see :func:`vocabseg.inference.postprocess.class_probabilities`)
 SCORES = ("softmax", "sigmoid")
@@ -42,6 +45,12 @@ def _is_number(value: Any) -> bool:
 def _setting(default: Any, help: str, allowed: str, valid: Callable[[Any], bool]) -> Any:
     """A field with its help text, a description of its allowed values, and the check of them."""
     return field(default=default, metadata={"help": help, "allowed": allowed, "valid": valid})
+
+
+#: windows per forward pass when ``batch_size`` is 0 ("by device"), per torch device type. A GPU is
+#: busy only with many windows at once; on the CPU 4 windows of 224 px ran as fast as 16 (and faster
+#: than 1) for less memory (measured: benchmarks/results/batch_size_cpu.md).
+WINDOWS_PER_FORWARD = {"cpu": 4, "cuda": 16, "mps": 16}
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,11 @@ class InferenceConfig:
         lambda v: _is_int(v) and 0 <= v <= MAX_PAD_MULTIPLE,
     )
     batch_size: int = _setting(
-        16, "how many windows go through the model at once", "an integer > 0", lambda v: _is_int(v) and v > 0
+        0,
+        "how many windows go through the model at once; 0 picks it by device: "
+        + ", ".join(f"{n} on {kind}" for kind, n in WINDOWS_PER_FORWARD.items()),
+        "an integer >= 0 (0: by device)",
+        lambda v: _is_int(v) and v >= 0,
     )
 
     def __post_init__(self) -> None:
@@ -150,6 +163,13 @@ class InferenceConfig:
         if unknown:
             raise TypeError(f"Unknown inference setting(s): {', '.join(sorted(unknown))}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def for_device(self, device: torch.device) -> InferenceConfig:
+        """This config with ``batch_size`` 0 ("by device") replaced by ``device``'s number of windows
+        per forward pass (:data:`WINDOWS_PER_FORWARD`); an explicit batch size is kept."""
+        if self.batch_size:
+            return self
+        return replace(self, batch_size=WINDOWS_PER_FORWARD.get(device.type, WINDOWS_PER_FORWARD["cuda"]))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

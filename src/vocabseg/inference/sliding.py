@@ -102,7 +102,7 @@ def sliding_window_logits(
                 counts[w.image][y1:y2, x1:x2] += 1
             if progress is not None:
                 progress(len(chunk))
-    return [s / c for s, c in zip(sums, counts)]
+    return [s.div_(c) for s, c in zip(sums, counts)]  # in place: with many names each is large
 
 
 def _padded_window_logits(
