@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import check_backend, wrap_method
 from .errors import CheckpointError, MethodOptionError, SegmentationFailedError, SettingsError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
@@ -142,6 +143,10 @@ class Segmenter:
         max_pixels: refuse larger images.
         method_kwargs: extra method options (``gamma``, ``beta``, ``gaussian_std``...; see
             ``get_method_spec(name).options``).
+        backend, precision: what runs the image side: ``"torch"``, an ONNX runtime (``"onnxruntime"``,
+            ``"openvino"``; exported once and cached next to the text cache) or ``"auto"`` (the fastest
+            on the first windows); ``precision`` ``"f32"`` (exact) or ``"native"`` (the runtime's lower
+            precision where the CPU has it). See docs/backends.md.
         **settings: overrides of the method's :class:`InferenceConfig` defaults (``short_side``,
             ``crop``, ``stride``, ``logit_scale``, ``prob_threshold``, ``pamr_steps``...). The
             default ``batch_size=0`` becomes this device's number of windows per forward pass.
@@ -169,6 +174,8 @@ class Segmenter:
         surgery: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         method_kwargs: dict[str, Any] | None = None,
+        backend: str = "torch",
+        precision: str = "f32",
         **settings: Any,
     ):
         # every check of the arguments comes first, so mistakes cost no model load
@@ -179,6 +186,7 @@ class Segmenter:
         self.config = config.for_device(self.device)
         self.dtype = _resolve_dtype(dtype, self.device)
         _check_max_pixels(max_pixels)
+        check_backend(backend, precision, method=self.spec.name, device=self.device)
         if surgery and self.spec.trainable:
             raise MethodOptionError(f"surgery=True applies to training-free methods, not to {self.spec.name!r}.")
         if vfm is not None and not self.spec.uses_vfm:
@@ -242,6 +250,9 @@ class Segmenter:
             self.method = self.method.to(self.device, self.dtype).eval()
         cache = default_cache_dir() if text_cache_dir == "default" else text_cache_dir
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.templates, cache)
+        self.backend, self.precision = backend, precision
+        #: what runs the windows: ``self.method`` itself, or its image side on an ONNX runtime
+        self.runner = wrap_method(self.method, backend, precision, cache_dir=cache)
         mean, std = self.clip.mean, self.clip.std
         self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(3, 1, 1)
@@ -364,10 +375,11 @@ class Segmenter:
         yields an outcome with its error and the others go on; so does one whose segmentation fails
         unexpectedly (a :class:`SegmentationFailedError` whose ``__cause__`` is the original exception).
         With ``"raise"`` the error is raised as it is.
-        The classes and settings are checked at once (before the first outcome is asked for). ``max_pixels`` overrides
-        the Segmenter's limit for these images (a server applies its own). ``return_probs``: see
-        :meth:`segment`. ``prefetch`` > 0 decodes up to that many images ahead on a background thread
-        (:func:`map_ahead`), so the model does not wait for decoding; outcomes and errors are the same.
+        The classes, settings and text are checked and encoded at once (before the first outcome is asked
+        for). ``max_pixels`` overrides the Segmenter's limit for these images (a server applies its
+        own). ``return_probs``: see :meth:`segment`. ``prefetch`` > 0 decodes up to that many images
+        ahead on a background thread (:func:`map_ahead`), so the model does not wait for decoding;
+        outcomes and errors are the same.
         Close the iterator (``contextlib.closing``) when stopping early to stop that thread at once.
         """
         if on_error not in ("raise", "skip"):
@@ -379,6 +391,7 @@ class Segmenter:
         config = self.settings(**overrides)
         vocab = self.vocabulary(classes, background, config.prob_threshold)
         limit = self.max_pixels if max_pixels == DEFAULT else max_pixels
+        self._encoded(vocab, config)  # names the tokenizer would cut are refused here, once, not per image
         flush = functools.partial(
             self._flush, vocab=vocab, config=config, on_error=on_error, progress=progress, return_probs=return_probs
         )
@@ -439,14 +452,12 @@ class Segmenter:
         each name's map alone, so the labels are the same), and ``result.probs`` is ``None``.
         """
         config = config.for_device(self.device)
-        if config.score == "sigmoid":  # independent per-class scores: the background is the threshold
-            vocab = vocab.without_background_names()
-        text = self.text_encoder.encode(vocab.prompt_names, per_template=self.spec.text_input == "per_template")
+        vocab, text = self._encoded(vocab, config)
         inputs = [self._normalize(a) for a in arrays]
         resized = [
             resize_image(x, rescaled_size(*x.shape[-2:], config.short_side, config.max_long_side)) for x in inputs
         ]
-        method, dtype, surgery, pad = self.method, self.dtype, self.surgery, config.pad_multiple
+        method, dtype, surgery, pad = self.runner, self.dtype, self.surgery, config.pad_multiple
 
         def window_logits(windows: torch.Tensor) -> torch.Tensor:
             return method.logits(windows.to(dtype), text, pad_multiple=pad, surgery=surgery)
@@ -501,6 +512,8 @@ class Segmenter:
             "method": self.spec.name,
             "model": self.clip.name,
             "surgery": self.surgery,
+            "backend": self.backend,
+            "precision": self.precision,
             "templates": self.template_name,
             "settings": (config or self.config).for_device(self.device).to_dict(),
         }
@@ -509,6 +522,13 @@ class Segmenter:
         return info
 
     # -- internals -------------------------------------------------------------------------------------
+    def _encoded(self, vocab: Vocabulary, config: InferenceConfig) -> tuple[Vocabulary, torch.Tensor]:
+        """The vocabulary as scored and its text embeddings (cached by the encoder, so encoding once up
+        front, where a bad name is refused before any image, costs nothing later)."""
+        if config.score == "sigmoid":  # independent per-class scores: the background is the threshold
+            vocab = vocab.without_background_names()
+        return vocab, self.text_encoder.encode(vocab.prompt_names, per_template=self.spec.text_input == "per_template")
+
     def _min_window(self) -> tuple[int, int]:
         """The smallest window the model is given (``MIN_WINDOW_PATCHES`` of CLIP's patches a side)."""
         patch = getattr(getattr(self.clip.model, "visual", None), "patch_size", None) or 1

@@ -5,9 +5,11 @@ change; missing runtimes, trained methods and bad settings are refused clearly."
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,36 @@ def test_choices_are_checked_before_a_model_is_loaded(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(RuntimeUnavailableError, match=r"pip install 'vocabseg\[cpu\]'"):
         check_backend("openvino")
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_segmenter_and_cli_run_on_a_backend(backend, tiny_clip_dir, onnx_cache, tmp_path):
+    """`Segmenter(backend=...)` / `--backend` give torch's probabilities, and result.json says what ran."""
+    from vocabseg.cli.main import main
+    from vocabseg.segmenter import Segmenter
+
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    common = dict(method="sclip", model=f"local-dir:{tiny_clip_dir}", text_cache_dir=onnx_cache, short_side=0)
+    seg = Segmenter(backend=backend, **common, crop=32, stride=16)
+    torch_seg = Segmenter(**common, crop=32, stride=16)
+    assert seg.runner is not seg.method and torch_seg.runner is torch_seg.method
+    got, want = seg.segment(image, "cat, dog"), torch_seg.segment(image, "cat, dog")
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
+    assert seg.describe()["backend"] == backend and seg.describe()["precision"] == "f32"
+
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    model = f"local-dir:{tiny_clip_dir}"
+    args = ["segment", str(tmp_path / "img.png"), "-c", "cat, dog", "-o", str(out), "--method", "sclip",
+            "--model", model, "--backend", backend, "--crop", "32", "--stride", "16"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "img" / "result.json").read_text())["backend"] == backend
+
+
+def test_a_backend_for_a_method_it_cannot_export_is_refused_before_loading():
+    from vocabseg.segmenter import Segmenter
+
+    with pytest.raises(MethodOptionError, match="backend='onnxruntime'.*cliper"):
+        Segmenter(method="cliper", model="local-dir:/does-not-matter", backend="onnxruntime")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from ..backends import PRECISIONS, list_backends
 from ..inference.config import SCORES, InferenceConfig, option_flag
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
@@ -56,6 +57,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--surgery", action="store_true", help="apply the CLIP-Surgery feature adjustment")
     g.add_argument(
+        "--backend",
+        default="torch",
+        choices=list_backends(),
+        help="what runs the image side: torch, an ONNX runtime (CPU; pip install 'vocabseg[cpu]'), or auto "
+        "(the fastest on the first windows); see docs/backends.md (default: torch)",
+    )
+    g.add_argument(
+        "--precision",
+        default="f32",
+        choices=PRECISIONS,
+        help="ONNX runtimes: f32 (exact) or native (the runtime's lower precision where the CPU has it)",
+    )
+    g.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
@@ -91,6 +105,8 @@ def segmenter_from_args(args: argparse.Namespace):
         templates=args.templates,
         surgery=args.surgery,
         max_pixels=args.max_pixels,
+        backend=args.backend,
+        precision=args.precision,
         **settings_from_args(args),
     )
 

@@ -63,6 +63,7 @@ def run_identity(segmenter: Segmenter, dataset: SegDataset, config: InferenceCon
         "weights": model_fingerprint(segmenter),
         "dtype": str(segmenter.dtype),
         "surgery": described["surgery"],
+        "backend": [described["backend"], described["precision"]],
         "templates": list(segmenter.templates),
         "settings": settings,
     }

@@ -305,6 +305,7 @@ class Engine:
                 max_pixels=self.config.max_pixels,
                 prob_threshold=prob_threshold,
                 area_threshold=area_threshold,
+                return_probs=False,  # the page and the API show labels and per-class scores only
             )
             return outcome.result
 
