@@ -21,7 +21,8 @@ from vocabseg import Segmenter
 from vocabseg.errors import MethodOptionError
 from vocabseg.eval.protocols import resolve_protocol
 from vocabseg.methods import create_method
-from vocabseg.methods.scclip import lof_outliers, mean_interpolation
+from vocabseg.methods.scclip import lof_outliers
+from vocabseg.methods.self_calibration import mean_interpolation
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SIZES = [(64, 64), (48, 80), (96, 64)]  # native grid, wide, tall
@@ -226,7 +227,7 @@ def test_mean_interpolation_averages_unflagged_in_bounds_neighbours():
     tokens = torch.arange(12.0).view(1, 12, 1)
     flagged = torch.zeros(1, 12, dtype=torch.bool)
     flagged[0, [0, 1, 5]] = True
-    out = mean_interpolation(tokens, (3, 4), flagged)[0, :, 0]
+    out = mean_interpolation(tokens, (3, 4), flagged, isolated="keep")[0, :, 0]
     assert out[0] == 4.0  # neighbours 1, 4, 5 of which only 4 is unflagged
     assert out[1] == pytest.approx((2 + 4 + 6) / 3)  # 0, 5 flagged; 2, 4, 6 remain
     assert out[5] == pytest.approx((2 + 4 + 6 + 8 + 9 + 10) / 6)  # 0, 1 flagged
@@ -234,7 +235,7 @@ def test_mean_interpolation_averages_unflagged_in_bounds_neighbours():
     assert out[unflagged].tolist() == [float(i) for i in unflagged]
     # a flagged token whose every neighbour is flagged keeps its value
     everything = torch.ones(1, 12, dtype=torch.bool)
-    assert torch.equal(mean_interpolation(tokens, (3, 4), everything), tokens)
+    assert torch.equal(mean_interpolation(tokens, (3, 4), everything, isolated="keep"), tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------

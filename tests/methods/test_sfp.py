@@ -20,7 +20,8 @@ from conftest import SMALL_CLIP
 from vocabseg import Segmenter
 from vocabseg.errors import MethodOptionError
 from vocabseg.methods import create_method, get_method_spec
-from vocabseg.methods.sfp import _mean_interpolation, _semantic_attention, _som_outliers
+from vocabseg.methods.self_calibration import mean_interpolation, similarity_attention
+from vocabseg.methods.sfp import _som_outliers
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SIZES = [(64, 64), (48, 80), (96, 64)]  # native grid, wide, tall
@@ -262,17 +263,17 @@ def test_mean_interpolation_uses_valid_neighbours_only():
     tokens = torch.arange(9, dtype=torch.float32).view(1, 9, 1)  # 3x3 grid, values 0..8
     outliers = torch.zeros(1, 9, dtype=torch.bool)
     outliers[0, [0, 1]] = True
-    out = _mean_interpolation(tokens, outliers, (3, 3))[0, :, 0]
+    out = mean_interpolation(tokens, (3, 3), outliers, isolated="zero")[0, :, 0]
     assert out[0] == pytest.approx((3 + 4) / 2)  # corner: neighbours 1 (an outlier), 3, 4
     assert out[1] == pytest.approx((2 + 3 + 4 + 5) / 4)  # neighbours 0 (outlier), 2, 3, 4, 5
     assert out[2:].tolist() == list(range(2, 9))
     lonely = torch.ones(1, 4, dtype=torch.bool)  # every neighbour an outlier: zero (the released code: NaN later)
-    assert _mean_interpolation(torch.ones(1, 4, 2), lonely, (2, 2)).abs().sum() == 0
+    assert mean_interpolation(torch.ones(1, 4, 2), (2, 2), lonely, isolated="zero").abs().sum() == 0
 
 
 def test_semantic_attention_masks_below_the_mean_and_keeps_empty_rows_finite():
     sim = torch.tensor([[[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]])  # mean 1/3; last row all below
-    attn = _semantic_attention(sim)[0]
+    attn = similarity_attention(sim, keep_diagonal="empty_rows")[0]
     m = 3 * (1.0 - 1 / 3), 3 * (0.5 - 1 / 3)
     first = torch.tensor([math.exp(m[0]), math.exp(m[1]), 0.0])
     torch.testing.assert_close(attn[0], first / first.sum())

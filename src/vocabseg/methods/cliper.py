@@ -73,6 +73,7 @@ from ..inference.sliding import centered_padding, window_boxes
 from ..models.vit import CLIPVisionTower
 from .base import SegmentationMethod
 from .registry import PaperSettings, register_method
+from .self_calibration import attention_probs
 
 #: added to the overlap count that divides the stitched attention of the sliding views (official)
 STITCH_EPS = 1e-5
@@ -94,18 +95,6 @@ def fused_attention(s: torch.Tensor) -> torch.Tensor:
     return m / m.sum(-1, keepdim=True)
 
 
-def _attention_weights(attn: nn.Module, x_ln: torch.Tensor) -> torch.Tensor:
-    """A block's vanilla attention maps softmax(s·QKᵀ), (B, heads, T, T) in float32, from its fused
-    in-projection (the parameter names open_clip keeps across versions)."""
-    d = x_ln.shape[-1]
-    heads = attn.num_heads
-    bias = attn.in_proj_bias
-    qk = F.linear(x_ln, attn.in_proj_weight[: 2 * d], None if bias is None else bias[: 2 * d]).float()
-    b, t, _ = qk.shape
-    q, k = qk.view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
-    return (q @ k.transpose(-1, -2) * (d // heads) ** -0.5).softmax(-1)
-
-
 def _values(attn: nn.Module, x_ln: torch.Tensor) -> torch.Tensor:
     """The value heads (B, heads, T, head_dim) of an attention's fused in-projection."""
     d = x_ln.shape[-1]
@@ -113,25 +102,6 @@ def _values(attn: nn.Module, x_ln: torch.Tensor) -> torch.Tensor:
     v = F.linear(x_ln, attn.in_proj_weight[2 * d :], None if bias is None else bias[2 * d :])
     b, t, _ = v.shape
     return v.view(b, t, attn.num_heads, d // attn.num_heads).transpose(1, 2)
-
-
-def _embed(tower: CLIPVisionTower, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The first block's input (B, 1+N, D) and the grid: the embedding steps of
-    :meth:`CLIPVisionTower.forward_intermediates` (CLIPer needs every block's input), with the
-    official code's position embeddings: patch positions resized bilinearly to the grid."""
-    v = tower.visual
-    x = v.conv1(images.to(v.conv1.weight.dtype))
-    grid = (x.shape[-2], x.shape[-1])
-    x = x.flatten(2).transpose(1, 2)
-    pos = v.positional_embedding
-    if grid != tuple(tower.native_grid):
-        nh, nw = tower.native_grid
-        patches = pos[1:].reshape(1, nh, nw, -1).permute(0, 3, 1, 2).float()
-        patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
-        pos = torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)])
-    cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
-    return v.ln_pre(v.patch_dropout(x)), grid
 
 
 def _is_int(value: object) -> bool:
@@ -214,12 +184,12 @@ class CLIPer(SegmentationMethod):
         tower = self.tower
         transformer = tower.visual.transformer
         batch_first = getattr(transformer, "batch_first", True)
-        x, grid = _embed(tower, images)
+        x, grid = tower.embed(images, resize="bilinear")  # the official code's position embeddings
         feats, total = [], None
         for block in transformer.resblocks[:-1]:
             x_ln = block.ln_1(x)
             feats.append(x_ln)
-            maps = _attention_weights(block.attn, x_ln)
+            maps = attention_probs(block.attn, x_ln, dtype=torch.float32)
             total = maps if total is None else total + maps
             x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
         feats.append(x)

@@ -43,11 +43,15 @@ from ..errors import MethodOptionError
 from ..inference.config import InferenceConfig
 from .base import DenseCLIPMethod
 from .registry import PaperSettings, register_method
+from .self_calibration import (
+    aggregate,
+    aggregation_weights,
+    cosine_similarity,
+    mean_interpolation,
+    similarity_attention,
+    thresholded_similarity,
+)
 
-#: the temperature on the centred pre-adjustment similarity in the last block's attention
-SIMILARITY_TEMPERATURE = 3.0
-#: added to the row sums of the thresholded similarities (the official normaliser)
-ROW_EPS = 1e-6
 #: LOF scores within this relative distance of the quantile tie with it (are not flagged): exact ties,
 #: such as two mutually farthest tokens when k = N-1, would otherwise be broken by rounding noise
 LOF_TIE_RTOL = 1e-5
@@ -79,45 +83,6 @@ def lof_outliers(tokens: torch.Tensor, n_neighbors: int, contamination: float) -
     lof = torch.gather(lrd[:, None, :].expand(b, n, n), 2, knn_idx).mean(-1) / lrd
     threshold = torch.quantile(lof, 1.0 - contamination, dim=-1, keepdim=True)
     return lof > threshold * (1.0 + LOF_TIE_RTOL)
-
-
-def mean_interpolation(tokens: torch.Tensor, grid: tuple[int, int], flagged: torch.Tensor) -> torch.Tensor:
-    """Replace each flagged token (B, N) of tokens (B, N, D) on a row-major grid (h, w) by the mean of
-    its in-bounds, unflagged 3×3 neighbours (centre excluded); one with none such keeps its value."""
-    b, n, d = tokens.shape
-    h, w = grid
-    keep = (~flagged).to(tokens.dtype).view(b, 1, h, w)
-    maps = tokens.transpose(1, 2).reshape(b, d, h, w) * keep
-    kernel = torch.ones(1, 1, 3, 3, dtype=tokens.dtype, device=tokens.device)
-    kernel[..., 1, 1] = 0
-    sums = F.conv2d(maps.reshape(b * d, 1, h, w), kernel, padding=1).view(b, d, h, w)
-    counts = F.conv2d(keep, kernel, padding=1)  # (b, 1, h, w) valid neighbours
-    means = (sums / counts.clamp(min=1)).flatten(2).transpose(1, 2)
-    replace = (flagged & (counts.flatten(1) > 0))[..., None]
-    return torch.where(replace, means, tokens)
-
-
-def cosine_similarity(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, N, N) cosine similarities, in float32."""
-    unit = F.normalize(tokens.float(), dim=-1)
-    return unit @ unit.transpose(1, 2)
-
-
-def thresholded_aggregation(sim: torch.Tensor, beta: float) -> torch.Tensor:
-    """W of SC-CLIP's adjustments: similarities below ``beta`` set to 0, rows normalised to sum 1."""
-    w = sim.masked_fill(sim < beta, 0.0)
-    return w / (w.sum(-1, keepdim=True) + ROW_EPS)
-
-
-def _aggregate(weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return (weights @ tokens.float()).to(tokens.dtype)
-
-
-def similarity_attention(sim: torch.Tensor) -> torch.Tensor:
-    """softmax(3·(S − mean S)) with the entries below the mean masked, per image: (B, N, N)."""
-    logits = SIMILARITY_TEMPERATURE * (sim - sim.mean(dim=(1, 2), keepdim=True))
-    eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
-    return logits.masked_fill((logits < 0) & ~eye, float("-inf")).softmax(-1)
 
 
 @register_method(
@@ -194,6 +159,10 @@ class SCCLIP(DenseCLIPMethod):
         self.lof_neighbors = lof_neighbors
         self.lof_contamination = float(lof_contamination)
 
+    def adjustment_weights(self, sim: torch.Tensor) -> torch.Tensor:
+        """W(S) of the self-adjustments: similarities below ``beta`` set to 0, rows normalised to sum 1."""
+        return aggregation_weights(thresholded_similarity(sim, self.beta))
+
     def adjusted_last_block(self, tokens: torch.Tensor, attn_sim: torch.Tensor) -> torch.Tensor:
         """The rewired last block on (B, 1+N, D) tokens: patch tokens out (B, N, D)."""
         tower = self.tower
@@ -210,16 +179,16 @@ class SCCLIP(DenseCLIPMethod):
         pre, post, fused = feats[0], feats[1], feats[2:]
 
         flagged = lof_outliers(x[:, 1:], self.lof_neighbors, self.lof_contamination)
-        patches = mean_interpolation(x[:, 1:], (h, w), flagged)
-        sim = cosine_similarity(mean_interpolation(pre[:, 1:], (h, w), flagged))
-        attn_sim = similarity_attention(sim)
-        post_weights = thresholded_aggregation(cosine_similarity(post[:, 1:]), self.beta)
+        patches = mean_interpolation(x[:, 1:], (h, w), flagged, isolated="keep")
+        sim = cosine_similarity(mean_interpolation(pre[:, 1:], (h, w), flagged, isolated="keep").float())
+        attn_sim = similarity_attention(sim, keep_diagonal="always")
+        post_weights = self.adjustment_weights(cosine_similarity(post[:, 1:].float()))
 
-        patches = _aggregate(thresholded_aggregation(sim, self.beta), patches)
+        patches = aggregate(self.adjustment_weights(sim), patches)
         y = self.adjusted_last_block(torch.cat([x[:, :1], patches], dim=1), attn_sim)
-        y = _aggregate(post_weights, y)
+        y = aggregate(post_weights, y)
         r = self.adjusted_last_block(torch.stack(fused).sum(0), attn_sim)
-        y = y + _aggregate(post_weights, r)
+        y = y + aggregate(post_weights, r)
 
         out = self.tower.head(y)
         dense = out.transpose(1, 2).reshape(out.shape[0], out.shape[-1], h, w)

@@ -46,6 +46,15 @@ from ..errors import MethodOptionError
 from ..inference.config import InferenceConfig
 from .base import DenseCLIPMethod
 from .registry import PaperSettings, register_method
+from .self_calibration import (
+    aggregate,
+    aggregation_weights,
+    attention_probs,
+    cosine_similarity,
+    mean_interpolation,
+    similarity_attention,
+    thresholded_similarity,
+)
 
 #: the outlier detectors: "som" (CLS attention above self-attention), "l2norm" (largest token norms),
 #: "none" (no purification)
@@ -55,18 +64,6 @@ OUTLIER_DETECTORS = ("som", "l2norm", "none")
 PRE_LAYER, POST_LAYER, FUSE_LAYERS = 8, 3, tuple(range(3, 10))
 SOM_CLS_WEIGHT = 1.5  # A[cls, p] is weighted by this before the comparison with A[p, p]
 SIM_THRESHOLD = 0.4  # cosine similarities below this are set to 0
-SEMANTIC_TEMPERATURE = 3.0  # M = 3·(S − mean(S))
-ROW_EPS = 1e-6  # in the row normalisation of the thresholded similarities
-
-
-def _attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The standard softmax attention (B, heads, T, T) of an open_clip block on its input ``x``."""
-    attn = block.attn
-    q, k, _ = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    b, t, d = q.shape
-    heads = attn.num_heads
-    q, k = (z.reshape(b, t, heads, d // heads).transpose(1, 2) for z in (q, k))
-    return (q @ k.transpose(-2, -1) * (d // heads) ** -0.5).softmax(dim=-1)
 
 
 def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,39 +78,6 @@ def _som_outliers(attn: torch.Tensor, k: int) -> torch.Tensor:
     cls_to_patch = SOM_CLS_WEIGHT * attn[:, 0, 1:]
     self_attn = attn[:, 1:, 1:].diagonal(dim1=-2, dim2=-1)
     return _top_mask(cls_to_patch.masked_fill(cls_to_patch <= self_attn, float("-inf")), k)
-
-
-def _mean_interpolation(tokens: torch.Tensor, outliers: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Replace each outlier token (B, N, D) by the mean of its non-outlier 3×3 neighbours (0 if none)."""
-    b, n, d = tokens.shape
-    keep = (~outliers).to(tokens.dtype).view(b, 1, *grid)
-    ring = torch.ones(1, 1, 3, 3, dtype=tokens.dtype, device=tokens.device)
-    ring[..., 1, 1] = 0
-    kept = (tokens.transpose(1, 2).reshape(b, d, *grid) * keep).reshape(b * d, 1, *grid)
-    neighbour_sum = F.conv2d(kept, ring, padding=1).view(b, d, n).transpose(1, 2)
-    count = F.conv2d(keep, ring, padding=1).view(b, n, 1)
-    return torch.where(outliers.unsqueeze(-1), neighbour_sum / count.clamp(min=1), tokens)
-
-
-def _thresholded_cosine(tokens: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities (B, N, N) of tokens (B, N, D), 0 where below :data:`SIM_THRESHOLD`."""
-    e = F.normalize(tokens, dim=-1)
-    sim = e @ e.transpose(1, 2)
-    return sim.masked_fill(sim < SIM_THRESHOLD, 0.0)
-
-
-def _aggregate(tokens: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-    """Ŝ·T: each token replaced by the similarity-weighted mean of the tokens."""
-    return (sim / (sim.sum(dim=-1, keepdim=True) + ROW_EPS)) @ tokens
-
-
-def _semantic_attention(sim: torch.Tensor) -> torch.Tensor:
-    """softmax(M), M = 3·(S − mean(S)) masked to −∞ where negative (a fully masked row keeps its diagonal)."""
-    logits = SEMANTIC_TEMPERATURE * (sim - sim.mean(dim=(1, 2), keepdim=True))
-    masked = logits < 0
-    eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
-    masked &= ~(masked.all(dim=-1, keepdim=True) & eye)
-    return logits.masked_fill(masked, float("-inf")).softmax(dim=-1)
 
 
 @register_method(
@@ -190,7 +154,8 @@ class SFP(DenseCLIPMethod):
     def outlier_mask(self, x: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor | None:
         """(B, N) bool outliers of the last block's input ``x`` (``before``: the input of block D-2)."""
         if self.outlier == "som":
-            attn = _attention_probs(self.tower.visual.transformer.resblocks[-2], before).mean(dim=1)
+            block = self.tower.visual.transformer.resblocks[-2]
+            attn = attention_probs(block.attn, block.ln_1(before)).mean(dim=1)
             return _som_outliers(attn, self.num_outliers)
         if self.outlier == "l2norm":
             return _top_mask(x[:, 1:].norm(dim=-1), self.num_outliers)
@@ -209,14 +174,15 @@ class SFP(DenseCLIPMethod):
         outliers = self.outlier_mask(x, out.get(before))
         patches, reference = x[:, 1:], out[self.pre_layer][:, 1:]
         if outliers is not None:
-            patches = _mean_interpolation(patches, outliers, grid)
-            reference = _mean_interpolation(reference, outliers, grid)
-        pre_sim = _thresholded_cosine(reference)
-        post_sim = _thresholded_cosine(out[self.post_layer][:, 1:])
-        semantic = _semantic_attention(pre_sim).unsqueeze(1)  # (B, 1, N, N), shared by the heads
+            patches = mean_interpolation(patches, grid, outliers, isolated="zero")
+            reference = mean_interpolation(reference, grid, outliers, isolated="zero")
+        pre_sim = thresholded_similarity(cosine_similarity(reference), SIM_THRESHOLD)
+        post_sim = thresholded_similarity(cosine_similarity(out[self.post_layer][:, 1:]), SIM_THRESHOLD)
+        # (B, 1, N, N), shared by the heads
+        semantic = similarity_attention(pre_sim, keep_diagonal="empty_rows").unsqueeze(1)
 
         ln_1 = tower.last_block.ln_1
-        q, k, v = tower.qkv(ln_1(_aggregate(patches, pre_sim)))
+        q, k, v = tower.qkv(ln_1(aggregate(aggregation_weights(pre_sim), patches)))
         attended = (
             F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v) + semantic @ v
         ) / 3
@@ -225,7 +191,7 @@ class SFP(DenseCLIPMethod):
         _, _, v_fused = tower.qkv(ln_1(fused[:, 1:]))
         integrated = tower.out_proj(semantic @ v_fused) + self.res_cls * fused[:, :1]
 
-        feats = tower.head(_aggregate(enhanced + integrated, post_sim))  # Ŝ_post is linear: one product
+        feats = tower.head(aggregate(aggregation_weights(post_sim), enhanced + integrated))  # Ŝ_post is linear
         dense = feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[-1], *grid)
         if return_global:
             return dense, tower.global_embedding(x)

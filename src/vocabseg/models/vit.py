@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +69,17 @@ class CLIPVisionTower(nn.Module):
         return self.visual.transformer.resblocks[-1]
 
     # -- forward pieces ----------------------------------------------------------------------------
-    def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Position embeddings for a ``grid`` of patches, interpolated as the SCLIP lineage does.
+    def positional_embedding(
+        self, grid: tuple[int, int], resize: Literal["bicubic", "bilinear"] = "bicubic"
+    ) -> torch.Tensor:
+        """Position embeddings for a ``grid`` of patches; the native grid's are used unchanged.
 
-        Bicubic with ``scale_factor = (g + 0.1) / g_native`` (the DINO recipe, research note (d)2),
-        which differs numerically from a ``size=``-based resize; the native grid is used unchanged.
+        ``resize="bicubic"``: as the SCLIP lineage does, with ``scale_factor = (g + 0.1) / g_native``
+        (the DINO recipe, research note (d)2), which differs numerically from a ``size=``-based resize.
+        ``resize="bilinear"``: a bilinear resize to ``size=grid``, as CLIPer's official code does.
         """
+        if resize not in ("bicubic", "bilinear"):
+            raise ValueError(f"resize must be 'bicubic' or 'bilinear', got {resize!r}.")
         pos = self.visual.positional_embedding
         if self.patch_position_fn is not None:  # CLIP's CLS position, the replacement's patch positions
             return torch.cat([pos[:1], self.patch_position_fn(tuple(grid)).to(pos.dtype)], dim=0)
@@ -82,17 +88,36 @@ class CLIPVisionTower(nn.Module):
             return pos
         cls_pos, patch_pos = pos[:1], pos[1:]
         dim = pos.shape[-1]
-        patch_pos = patch_pos.reshape(1, native[0], native[1], dim).permute(0, 3, 1, 2)
-        scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])
-        patch_pos = F.interpolate(patch_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False)
-        if tuple(patch_pos.shape[-2:]) != tuple(grid):  # rounding of the scale factor; never seen
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.reshape(1, native[0], native[1], dim).permute(0, 3, 1, 2).float()
+        if resize == "bilinear":
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bilinear", align_corners=False)
+        else:
+            scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
+            if tuple(patch_pos.shape[-2:]) != tuple(grid):  # rounding of the scale factor; never seen
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
         return torch.cat([cls_pos, patch_pos], dim=0)
 
     @property
     def depth(self) -> int:
         return len(self.visual.transformer.resblocks)
+
+    def embed(
+        self, images: torch.Tensor, resize: Literal["bicubic", "bilinear"] = "bicubic"
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first block's input (B, 1+N, D) and the patch grid: patch embedding, CLS token, position
+        embeddings (resized as :meth:`positional_embedding` says), patch dropout and ``ln_pre``.
+
+        Public for methods that run the blocks themselves (CLIPer reads every block's input).
+        """
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, gh, gw)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, resize).to(x.dtype)
+        return v.ln_pre(v.patch_dropout(x)), grid
 
     def tokens_before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch-embed ``images`` and run every block but the last. Returns ((B, 1+N, D), grid)."""
@@ -120,13 +145,7 @@ class CLIPVisionTower(nn.Module):
                 f"and blocks 0..{self.depth - 2} (or -{self.depth}..-2) can be returned."
             )
         v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, gh, gw)
-        grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
-        x = v.patch_dropout(x)
-        x = v.ln_pre(x)
+        x, grid = self.embed(images)
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
