@@ -26,7 +26,7 @@ SUBCOMMANDS = {
     "recipes": ("vocabseg.cli.recipes", "list training recipes and their key settings"),
     "export": (
         "vocabseg.cli.export",
-        "export a method's image side to ONNX (features, or logits for fixed classes)",
+        "export a method's image side as an ONNX model",
     ),
 }
 
