@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import warnings
@@ -17,18 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._names import lookup
 from .backends import check_backend, wrap_method
 from .errors import CheckpointError, MethodOptionError, SegmentationFailedError, SettingsError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
 from .inference.postprocess import class_probabilities, decide_labels, stream_labels
-from .inference.sliding import rescaled_size, resize_image, sliding_window_logits
+from .inference.sliding import rescaled_size, resize_image, sliding_window_logits, window_boxes, window_logits_each
 from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_name
 from .methods import create_method, get_method_spec, list_methods
 from .methods.base import SegmentationMethod
 from .methods.registry import MethodSpec
 from .methods.weights import read_trained_weights
 from .models.clip import LoadedCLIP, check_local_files, clip_normalization, default_tokenizer, load_clip
+from .models.vfm import IMAGENET_MEAN, IMAGENET_STD, VFM_SPECS, load_vfm
+from .refine import create_refiner
+from .refine.lposs import last_block_values
 from .result import SegmentationResult
 from .text.encoder import TextEncoder, default_cache_dir
 from .text.templates import resolve_templates
@@ -102,6 +107,8 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
 #: windows are zero-padded to at least this many patches a side (thin images, tiny crops): one patch
 #: has no spatial extent, which per-image normalisations (a trained decoder's instance norm) refuse
 MIN_WINDOW_PATCHES = 2
+#: the VFM a refinement (``refine=``) builds its graph on when ``refine_vfm`` is not given (LPOSS's)
+DEFAULT_REFINE_VFM = "dino_vitb16"
 
 
 @dataclass
@@ -143,6 +150,14 @@ class Segmenter:
         max_pixels: refuse larger images.
         method_kwargs: extra method options (``gamma``, ``beta``, ``gaussian_std``...; see
             ``get_method_spec(name).options``).
+        refine: a refinement run on the method's window scores before they are scored
+            (``vocabseg.refine.REFINERS``: ``"lposs"``, ``"lposs+"``); ``None`` for none.
+        refine_vfm, refine_vfm_pretrained: the refinement's VFM: a name (default
+            ``DEFAULT_REFINE_VFM``) or a module, and its weights (as ``vfm_pretrained``). A timm ViT
+            gives the values of its last attention block (the features LPOSS was published with);
+            any other module's (B, C, h, w) output is used as it is.
+        refine_options: the refiner's options (``{"k": 200, "alpha": 0.9}``...; see
+            ``vocabseg.refine.LPOSS``).
         backend, precision: what runs the image side: ``"torch"``, an ONNX runtime (``"onnxruntime"``,
             ``"openvino"``; exported once and cached next to the text cache) or ``"auto"`` (the fastest
             on the first windows); ``precision`` ``"f32"`` (exact) or ``"native"`` (the runtime's lower
@@ -174,6 +189,10 @@ class Segmenter:
         surgery: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         method_kwargs: dict[str, Any] | None = None,
+        refine: str | None = None,
+        refine_vfm: str | nn.Module | None = None,
+        refine_vfm_pretrained: str | None = "default",
+        refine_options: dict[str, Any] | None = None,
         backend: str = "torch",
         precision: str = "f32",
         **settings: Any,
@@ -187,6 +206,7 @@ class Segmenter:
         self.dtype = _resolve_dtype(dtype, self.device)
         _check_max_pixels(max_pixels)
         check_backend(backend, precision, method=self.spec.name, device=self.device)
+        self.refiner = _check_refine(refine, refine_vfm, refine_options)
         if surgery and self.spec.trainable:
             raise MethodOptionError(f"surgery=True applies to training-free methods, not to {self.spec.name!r}.")
         if vfm is not None and not self.spec.uses_vfm:
@@ -256,6 +276,11 @@ class Segmenter:
         mean, std = self.clip.mean, self.clip.std
         self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(3, 1, 1)
+        self.refine_name = refine
+        self.refine_vfm: nn.Module | None = None
+        self.refine_vfm_source: dict[str, Any] = {}
+        if self.refiner is not None:
+            self._load_refine_vfm(refine_vfm or DEFAULT_REFINE_VFM, refine_vfm_pretrained)
 
     def _read_weights(self, weights: str | os.PathLike | None):
         spec = self.spec
@@ -294,6 +319,14 @@ class Segmenter:
                 loaded.tokenizer = tokenizer
         loaded.model.to(self.device, self.dtype)
         return loaded
+
+    def _load_refine_vfm(self, vfm: str | nn.Module, pretrained: str | None) -> None:
+        if isinstance(vfm, str):
+            self.refine_vfm_source = {"vfm": vfm, "vfm_pretrained": pretrained}
+            vfm = load_vfm(vfm, pretrained, device=self.device, option="refine_vfm_pretrained")
+        else:
+            self.refine_vfm_source = {"vfm": "custom"}
+        self.refine_vfm = vfm.to(self.device, self.dtype).eval()
 
     # -- public API ------------------------------------------------------------------------------------
     def vocabulary(
@@ -446,8 +479,9 @@ class Segmenter:
     ) -> list[SegmentationResult]:
         """Segment decoded (H, W, 3) uint8 images with an explicit vocabulary and settings.
 
-        The window logits are averaged at the resized image's size, then brought to the input's size
-        (bilinear, then PAMR if on) and scored. With ``return_probs=False`` that happens a few names
+        The window logits are averaged at the resized image's size (or, with a refiner, refined from
+        the windows jointly: :meth:`_refined_logits`), then brought to the input's size (bilinear,
+        then PAMR if on) and scored. With ``return_probs=False`` that happens a few names
         at a time (:func:`~vocabseg.inference.postprocess.stream_labels`; upsampling and PAMR act on
         each name's map alone, so the labels are the same), and ``result.probs`` is ``None``.
         """
@@ -462,9 +496,12 @@ class Segmenter:
         def window_logits(windows: torch.Tensor) -> torch.Tensor:
             return method.logits(windows.to(dtype), text, pad_multiple=pad, surgery=surgery)
 
-        logits = sliding_window_logits(
-            resized, window_logits, config.crop, config.stride, config.batch_size, progress, self._min_window()
-        )
+        if self.refiner is not None:
+            logits = self._refined_logits(resized, window_logits, config, progress)
+        else:
+            logits = sliding_window_logits(
+                resized, window_logits, config.crop, config.stride, config.batch_size, progress, self._min_window()
+            )
         pamr = PAMR(config.pamr_steps, config.pamr_dilations) if config.pamr_steps > 0 else None
         results = []
         for i, (array, small) in enumerate(zip(arrays, resized)):
@@ -519,6 +556,9 @@ class Segmenter:
         }
         if self.spec.trainable:
             info["weights"] = self.weights_source or "random (weights=None)"
+        if self.refiner is not None:
+            options = dataclasses.asdict(self.refiner) if dataclasses.is_dataclass(self.refiner) else {}
+            info["refine"] = {"name": self.refine_name, **self.refine_vfm_source, "options": options}
         return info
 
     # -- internals -------------------------------------------------------------------------------------
@@ -528,6 +568,71 @@ class Segmenter:
         if config.score == "sigmoid":  # independent per-class scores: the background is the threshold
             vocab = vocab.without_background_names()
         return vocab, self.text_encoder.encode(vocab.prompt_names, per_template=self.spec.text_input == "per_template")
+
+    def _refined_logits(
+        self,
+        resized: list[torch.Tensor],
+        window_logits: Callable[[torch.Tensor], torch.Tensor],
+        config: InferenceConfig,
+        progress: Callable[[int], None] | None,
+    ) -> list[torch.Tensor]:
+        """Per image (K, H, W): the refiner's scores from every window's logits and VFM features.
+
+        What is propagated is the method's window output as it comes (per-name cosine similarities
+        for most methods, CLIPer's log-probabilities), before the logit scale and softmax; LPOSS
+        keeps it on that scale. The VFM features come first, so each window's logits are brought to
+        its feature grid as they arrive (what ``refine_windows`` does first anyway) instead of
+        keeping every window at full resolution.
+        """
+        features = [self._refine_features(image, config) for image in resized]
+        windows: list[list[tuple[tuple[int, int, int, int], torch.Tensor]]] = [[] for _ in resized]
+        for i, box, out in window_logits_each(
+            resized, window_logits, config.crop, config.stride, config.batch_size, progress, self._min_window()
+        ):
+            grid = features[i][box].shape[-2:]
+            windows[i].append((box, F.interpolate(out[None], size=grid, mode="bilinear", align_corners=False)[0]))
+        refined = []
+        for i, image in enumerate(resized):
+            boxes = [box for box, _ in windows[i]]
+            scores = [score for _, score in windows[i]]
+            feats = [features[i][box] for box in boxes]
+            refined.append(self.refiner.refine_windows(self._unnormalize(image), boxes, scores, feats))
+            windows[i], features[i] = [], {}  # this image's windows are no longer needed
+        return refined
+
+    def _refine_features(
+        self, image: torch.Tensor, config: InferenceConfig
+    ) -> dict[tuple[int, int, int, int], torch.Tensor]:
+        """(C, h, w) refine-VFM features of each window (box) of ``image`` (CLIP-normalised, turned
+        into the ImageNet normalisation of DINO), ``batch_size`` windows at a time.
+
+        A timm ViT sees windows whose sides are not multiples of its patch (a whole image, an image
+        smaller than the crop) resized to the nearest multiple, at least one patch: its grid then
+        tiles the window evenly, as ``refine_windows`` places it.
+        """
+        vfm = self.refine_vfm
+        model = getattr(vfm, "model", vfm)
+        timm_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
+        mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+        vfm_input = (self._unnormalize(image) - mean) / std
+        boxes = window_boxes(image.shape[-2], image.shape[-1], config.crop, config.stride)
+        patch = model.patch_embed.patch_size if timm_vit else 1
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        features = {}
+        for start in range(0, len(boxes), config.batch_size):
+            chunk = boxes[start : start + config.batch_size]
+            batch = torch.stack([vfm_input[:, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+            h, w = batch.shape[-2:]
+            size = (max(int(h / ph + 0.5), 1) * ph, max(int(w / pw + 0.5), 1) * pw)
+            batch = resize_image(batch, size)
+            feats = last_block_values(vfm, batch) if timm_vit else vfm(batch.to(self.dtype))
+            features.update(zip(chunk, feats.float()))
+        return features
+
+    def _unnormalize(self, image: torch.Tensor) -> torch.Tensor:
+        """A CLIP-normalised image back to RGB in [0, 1]."""
+        return image * self._std + self._mean
 
     def _min_window(self) -> tuple[int, int]:
         """The smallest window the model is given (``MIN_WINDOW_PATCHES`` of CLIP's patches a side)."""
@@ -541,6 +646,29 @@ class Segmenter:
             / 255.0
         )
         return (x - self._mean) / self._std
+
+
+def _check_refine(refine: str | None, refine_vfm: str | nn.Module | None, refine_options: dict[str, Any] | None) -> Any:
+    """The refiner ``refine`` names (``None`` for none), after checking its VFM can serve it."""
+    if refine is None:
+        if refine_vfm is not None or refine_options:
+            raise SettingsError(
+                "refine_vfm= (--refine-vfm) and refine_options= apply to a refinement: add refine= (--refine lposs+)."
+            )
+        return None
+    refiner = create_refiner(refine, **(refine_options or {}))
+    if isinstance(refine_vfm, str):
+        lookup(VFM_SPECS, refine_vfm, "VFM")
+        fixed = [name for name, spec in VFM_SPECS.items() if spec.fixed_size is not None]
+        if refine_vfm in fixed:
+            usable = [name for name in VFM_SPECS if name not in fixed]
+            raise SettingsError(
+                f"refine_vfm={refine_vfm!r} (--refine-vfm) runs at one fixed size, not on sliding windows; "
+                f"use one of {', '.join(usable)}."
+            )
+    elif refine_vfm is not None and not isinstance(refine_vfm, nn.Module):
+        raise SettingsError(f"refine_vfm must be a VFM name or a torch module, got {type(refine_vfm).__name__}.")
+    return refiner
 
 
 def _full_size_logits(

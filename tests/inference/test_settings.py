@@ -14,7 +14,7 @@ import vocabseg.segmenter
 from vocabseg.cli.main import main
 from vocabseg.errors import MethodOptionError, SettingsError, WeightsUnavailableError
 from vocabseg.inference.config import MAX_PAD_MULTIPLE, InferenceConfig, option_flag
-from vocabseg.methods import get_method_spec
+from vocabseg.methods import get_method_spec, list_methods
 from vocabseg.segmenter import Segmenter
 
 NAN, INF = math.nan, math.inf
@@ -78,7 +78,9 @@ def test_a_gpu_index_beyond_the_machine_names_the_ones_there(no_model_load, monk
 def test_vfm_for_a_method_without_one(no_model_load):
     with pytest.raises(MethodOptionError, match=r"'sclip' does not use a VFM, so it takes no vfm= \(--vfm\)") as info:
         Segmenter(method="sclip", model="ViT-B-16", pretrained=None, vfm="dino_vitb8")
-    assert str(info.value).endswith("only the VFM methods do: proxyclip.")
+    with_vfm = [n for n in list_methods() if get_method_spec(n).uses_vfm]
+    assert "proxyclip" in with_vfm
+    assert str(info.value).endswith(f"only the VFM methods do: {', '.join(with_vfm)}.")
 
 
 def test_missing_local_files_are_named_before_loading(no_model_load, tmp_path):

@@ -12,7 +12,8 @@ from ..backends import PRECISIONS, list_backends
 from ..inference.config import SCORES, InferenceConfig, option_flag
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
-from ..segmenter import DEFAULT, REQUIRED
+from ..refine import REFINERS
+from ..segmenter import DEFAULT, DEFAULT_REFINE_VFM, REQUIRED
 from ..text.templates import TEMPLATE_SETS
 
 
@@ -49,6 +50,22 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         type=none_or_str,
         default="default",
         help="VFM weights: 'default' (hub), a checkpoint file, or 'none' for random weights",
+    )
+    g.add_argument(
+        "--refine",
+        default=None,
+        metavar="NAME",
+        help=f"refine any method's scores: {' or '.join(REFINERS)} (label propagation over DINO features; "
+        "lposs+ also over pixels)",
+    )
+    g.add_argument(
+        "--refine-vfm", default=None, help=f"the VFM of --refine (default: {DEFAULT_REFINE_VFM}; dinov2_vitb14, ...)"
+    )
+    g.add_argument(
+        "--refine-vfm-pretrained",
+        type=none_or_str,
+        default="default",
+        help="weights of --refine-vfm: 'default' (hub), a checkpoint file, or 'none' for random weights",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -100,6 +117,9 @@ def segmenter_from_args(args: argparse.Namespace):
         weights=args.weights,
         vfm=args.vfm,
         vfm_pretrained=args.vfm_pretrained,
+        refine=args.refine,
+        refine_vfm=args.refine_vfm,
+        refine_vfm_pretrained=args.refine_vfm_pretrained,
         device=args.device,
         dtype=args.dtype,
         templates=args.templates,

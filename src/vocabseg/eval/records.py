@@ -53,7 +53,7 @@ def run_identity(segmenter: Segmenter, dataset: SegDataset, config: InferenceCon
     settings = config.to_dict()
     settings.pop("batch_size", None)  # windows are batched without changing the numbers
     described = segmenter.describe(config)
-    return {
+    identity = {
         "record_format": RECORD_FORMAT,
         "vocabseg": __version__,
         "dataset": dataset.identity(),
@@ -63,10 +63,13 @@ def run_identity(segmenter: Segmenter, dataset: SegDataset, config: InferenceCon
         "weights": model_fingerprint(segmenter),
         "dtype": str(segmenter.dtype),
         "surgery": described["surgery"],
-        "backend": [described["backend"], described["precision"]],
+        "backend": [described.get("backend", "torch"), described.get("precision", "f32")],
         "templates": list(segmenter.templates),
         "settings": settings,
     }
+    if "refine" in described:  # only then: the identities (so the records) of unrefined runs stay as they were
+        identity["refine"] = {**described["refine"], "vfm_weights": weights_fingerprint(segmenter.refine_vfm)}
+    return identity
 
 
 def _method_options(method: torch.nn.Module) -> dict[str, Any]:

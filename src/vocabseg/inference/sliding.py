@@ -13,7 +13,7 @@ right up to a minimum size and their logits cropped back; windows of ordinary si
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,36 @@ class _Window:
     box: tuple[int, int, int, int]
 
 
+def window_logits_each(
+    images: Sequence[torch.Tensor],
+    window_logits: Callable[[torch.Tensor], torch.Tensor],
+    crop: int,
+    stride: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+    min_size: tuple[int, int] = (1, 1),
+) -> Iterator[tuple[int, tuple[int, int, int, int], torch.Tensor]]:
+    """Every window's logits, one window at a time: ``(image index, box, (K, h, w) float32 logits)``.
+
+    The one window loop: windows of all images are grouped by shape and run ``batch_size`` at a time
+    (so they come grouped by shape, not in image order); :func:`sliding_window_logits` averages them,
+    a refinement that needs each window on its own (LPOSS) keeps them. Arguments as there.
+    """
+    groups: dict[tuple[int, int], list[_Window]] = defaultdict(list)
+    for i, image in enumerate(images):
+        for box in window_boxes(image.shape[-2], image.shape[-1], crop, stride):
+            groups[(box[1] - box[0], box[3] - box[2])].append(_Window(i, box))
+    for windows in groups.values():
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start : start + batch_size]
+            batch = torch.stack([images[w.image][:, w.box[0] : w.box[1], w.box[2] : w.box[3]] for w in chunk])
+            logits = _padded_window_logits(batch, window_logits, min_size).float()
+            for w, out in zip(chunk, logits):
+                yield w.image, w.box, out
+            if progress is not None:
+                progress(len(chunk))
+
+
 def sliding_window_logits(
     images: Sequence[torch.Tensor],
     window_logits: Callable[[torch.Tensor], torch.Tensor],
@@ -82,26 +112,15 @@ def sliding_window_logits(
     Returns:
         one (K, H_i, W_i) float32 tensor per image.
     """
-    groups: dict[tuple[int, int], list[_Window]] = defaultdict(list)
-    for i, image in enumerate(images):
-        for box in window_boxes(image.shape[-2], image.shape[-1], crop, stride):
-            groups[(box[1] - box[0], box[3] - box[2])].append(_Window(i, box))
     sums: list[torch.Tensor | None] = [None] * len(images)
     counts = [img.new_zeros(img.shape[-2:], dtype=torch.float32) for img in images]
-    for windows in groups.values():
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start : start + batch_size]
-            batch = torch.stack([images[w.image][:, w.box[0] : w.box[1], w.box[2] : w.box[3]] for w in chunk])
-            logits = _padded_window_logits(batch, window_logits, min_size).float()
-            for w, out in zip(chunk, logits):
-                y1, y2, x1, x2 = w.box
-                if sums[w.image] is None:
-                    h, wd = images[w.image].shape[-2:]
-                    sums[w.image] = out.new_zeros((out.shape[0], h, wd))
-                sums[w.image][:, y1:y2, x1:x2] += out
-                counts[w.image][y1:y2, x1:x2] += 1
-            if progress is not None:
-                progress(len(chunk))
+    for i, (y1, y2, x1, x2), out in window_logits_each(
+        images, window_logits, crop, stride, batch_size, progress, min_size
+    ):
+        if sums[i] is None:
+            sums[i] = out.new_zeros((out.shape[0], *images[i].shape[-2:]))
+        sums[i][:, y1:y2, x1:x2] += out
+        counts[i][y1:y2, x1:x2] += 1
     return [s.div_(c) for s, c in zip(sums, counts)]  # in place: with many names each is large
 
 

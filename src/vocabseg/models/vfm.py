@@ -85,6 +85,7 @@ def load_vfm(
     pretrained: str | None = "default",
     *,
     device: str | torch.device = "cpu",
+    option: str = "vfm_pretrained",
     **timm_kwargs: Any,
 ) -> TimmVFM:
     """Build VFM ``name`` (see :data:`VFM_SPECS`).
@@ -93,11 +94,13 @@ def load_vfm(
         pretrained: ``"default"`` for the timm pretrained tag (downloaded once into the Hugging Face
             cache), a local ``.safetensors``/``.pth``/``.bin`` checkpoint, or ``None`` for random
             weights (with a warning).
+        option: the argument that gave ``pretrained`` (``refine_vfm_pretrained``...), named in errors.
         timm_kwargs: extra ``timm.create_model`` arguments (e.g. a smaller ``depth`` for tests).
     """
     import timm
 
     spec = lookup(VFM_SPECS, name, "VFM")
+    flag = "--" + option.replace("_", "-")
     kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs}
     if spec.fixed_size is None:
         kwargs.setdefault("dynamic_img_size", True)
@@ -109,14 +112,16 @@ def load_vfm(
             with hub_access():
                 model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # timm/huggingface_hub raise many types for network and cache misses
-            raise weights_unavailable(f"VFM {name!r} (timm {spec.timm_name})", None, exc, _LOCAL_VFM_HINT) from exc
+            raise weights_unavailable(
+                f"VFM {name!r} (timm {spec.timm_name})", None, exc, _local_vfm_hint(option)
+            ) from exc
     else:
         if not Path(pretrained).is_file():
             raise WeightsUnavailableError(
-                f"vfm_pretrained={pretrained!r} (--vfm-pretrained): checkpoint file not found; pass an existing "
+                f"{option}={pretrained!r} ({flag}): checkpoint file not found; pass an existing "
                 "file, 'default' (hub weights) or none (random weights)."
             )
-        path = check_checkpoint_file(pretrained, "--vfm-pretrained")
+        path = check_checkpoint_file(pretrained, flag)
         try:
             model = timm.create_model(
                 spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": os.fspath(path)}, **kwargs
@@ -127,7 +132,10 @@ def load_vfm(
     return TimmVFM(model.eval().to(device), fixed_size)
 
 
-_LOCAL_VFM_HINT = (
-    "Pass a local checkpoint: `--vfm-pretrained /path/to/model.safetensors` "
-    "(Python: `vfm_pretrained='/path/...'`), or any module returning (B, C, h, w) features as `vfm=`."
-)
+def _local_vfm_hint(option: str) -> str:
+    """How to pass a local checkpoint instead, for the argument ``option`` (``vfm_pretrained``...)."""
+    module = option.removesuffix("_pretrained")
+    return (
+        f"Pass a local checkpoint: `--{option.replace('_', '-')} /path/to/model.safetensors` "
+        f"(Python: `{option}='/path/...'`), or any module returning (B, C, h, w) features as `{module}=`."
+    )
