@@ -206,6 +206,7 @@ class Segmenter:
         self.dtype = _resolve_dtype(dtype, self.device)
         _check_max_pixels(max_pixels)
         check_backend(backend, precision, method=self.spec.name, device=self.device)
+        self.spec.check_options(method_kwargs or {})
         self.refiner = _check_refine(refine, refine_vfm, refine_options)
         if surgery and self.spec.trainable:
             raise MethodOptionError(f"surgery=True applies to training-free methods, not to {self.spec.name!r}.")

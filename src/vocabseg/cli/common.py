@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
 from ..backends import PRECISIONS, list_backends
+from ..errors import SettingsError
 from ..inference.config import SCORES, InferenceConfig, option_flag
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
@@ -74,6 +76,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--surgery", action="store_true", help="apply the CLIP-Surgery feature adjustment")
     g.add_argument(
+        "--method-option",
+        "-O",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option (`vocabseg methods` lists them), e.g. -O gamma=3.0 -O outlier=l2norm; VALUE is "
+        "read as JSON when it parses (numbers, true, [8, 16], {...}), else as text; repeatable",
+    )
+    g.add_argument(
+        "--mask-model",
+        default=None,
+        help="mask-based methods (corrclip): the SAM / SAM 2 model, a hub id or a save_pretrained folder "
+        "(the same as -O mask_options='{\"model\": ...}')",
+    )
+    g.add_argument(
         "--backend",
         default="torch",
         choices=list_backends(),
@@ -107,6 +124,26 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in fields(InferenceConfig) if getattr(args, f.name) is not None}
 
 
+def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``-O KEY=VALUE`` and ``--mask-model`` as the Segmenter's ``method_kwargs`` (checked there
+    against the method's options before any model loads)."""
+    options: dict[str, Any] = {}
+    for item in args.method_option:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--method-option {item!r}: expected KEY=VALUE, e.g. -O gamma=3.0")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    if args.mask_model is not None:
+        mask_options = options.setdefault("mask_options", {})
+        if not isinstance(mask_options, dict):
+            raise SettingsError("--mask-model needs mask_options to be a JSON object, if given with -O.")
+        mask_options["model"] = args.mask_model
+    return options
+
+
 def segmenter_from_args(args: argparse.Namespace):
     from ..segmenter import Segmenter
 
@@ -127,6 +164,7 @@ def segmenter_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels,
         backend=args.backend,
         precision=args.precision,
+        method_kwargs=method_options_from_args(args),
         **settings_from_args(args),
     )
 
