@@ -48,18 +48,18 @@ def run_method(method: str, args: argparse.Namespace, cache: str) -> list[str]:
     torch.manual_seed(0)
     seg = build_segmenter(method, args.protocol, "cpu")
     batch = args.batch_size or seg.config.batch_size
-    own = seg.method
+    own = seg.runner
     variants = {BASELINE: own, **{label: wrap_method(own, b, p, cache_dir=cache) for label, b, p in BACKENDS}}
     images = make_images(args.images)
 
     def segment(label: str):
-        seg.method = variants[label]
+        seg.runner = variants[label]
         if label == BASELINE:  # the official way: one image, one window at a time
             return [seg.segment(image, CLASSES, batch_size=1) for image in images]
         return seg.segment(images, CLASSES, batch_size=batch)
 
     for label in variants:  # warm-up: text encoding, exports, compilation, first allocations
-        seg.method = variants[label]
+        seg.runner = variants[label]
         seg.segment(images[0], CLASSES, batch_size=batch)
     speeds: dict[str, list[float]] = {label: [] for label in variants}
     results = {}
@@ -68,7 +68,7 @@ def run_method(method: str, args: argparse.Namespace, cache: str) -> list[str]:
             start = time.perf_counter()
             results[label] = segment(label)
             speeds[label].append(len(images) / (time.perf_counter() - start))
-    seg.method = own
+    seg.runner = own
 
     reference = results[BACKENDS[0][0]]
     rows = []
