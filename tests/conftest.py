@@ -99,3 +99,29 @@ def rgb_image() -> np.ndarray:
     img[:, :35, 0] += 180
     img[:, 35:, 2] += 180
     return img
+
+
+def make_tiny_sam(seed: int = 0, window_last: bool = False) -> torch.nn.Module:
+    """A 2-block timm SAM ViT at 128 px (8x8 grid): a window-attention block, then a global one (as
+    SAM's last); random relative positions and absolute positions (timm initialises them to 0)."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "samvit_base_patch16",
+        pretrained=False,
+        num_classes=0,
+        img_size=128,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        window_size=4,
+        global_attn_indexes=[] if window_last else [1],
+        neck_chans=16,
+    ).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_(std=0.5)
+        for block in model.blocks:
+            block.attn.rel_pos_h.normal_(std=0.5)
+            block.attn.rel_pos_w.normal_(std=0.5)
+    return model

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip
+from conftest import make_tiny_clip, make_tiny_sam
 from torch import nn
 
 import vocabseg.segmenter as segmenter_module
@@ -42,6 +42,8 @@ from vocabseg.text.templates import resolve_templates
 #: without an entry; an entry's keywords are applied on top.
 EXTRA_KWARGS: dict[str, Callable[[pytest.FixtureRequest], dict[str, Any]]] = {
     "beyond_labels": lambda request: dict(width=32, depth=1, heads=2, decoder_stages=2, fourier_frequencies=8),
+    "corrclip": lambda request: dict(masks=lambda image: [np.indices(image.shape[:2])[1] < image.shape[1] // 2]),
+    "trident": lambda request: dict(sam=make_tiny_sam(), slide_crop=32, slide_stride=16),
 }
 
 SIZES = [(64, 64), (48, 80)]  # the tiny CLIP's native 4x4 grid, and a wide window

@@ -47,7 +47,9 @@ def test_options_are_the_constructor_defaults():
 
 def test_spec_facts():
     assert get_method_spec("proxyclip").uses_vfm
-    assert not any(get_method_spec(n).uses_vfm for n in list_methods() if n != "proxyclip")
+    with_vfm = ("proxyclip", "corrclip", "trident")
+    assert all(get_method_spec(n).uses_vfm for n in with_vfm)
+    assert not any(get_method_spec(n).uses_vfm for n in list_methods() if n not in with_vfm)
     sclip = get_method_spec("sclip")
     assert sclip.paper is not None and "SCLIP" in sclip.paper.source
     assert sclip.paper.settings["voc21"]["logit_scale"] == 65.0

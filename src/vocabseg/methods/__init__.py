@@ -5,7 +5,7 @@
 >>> feats = m(images)   # (B, D, h, w) in CLIP's joint space, before L2 normalisation  # doctest: +SKIP
 """
 
-from . import beyond_labels, clearclip, clip, cliper, maskclip, naclip, proxyclip, scclip, sclip, sfp  # noqa: F401  (registration)
+from . import beyond_labels, clearclip, clip, cliper, corrclip, maskclip, naclip, proxyclip, scclip, sclip, sfp, trident  # noqa: F401  (registration)
 from .base import DenseCLIPMethod
 from .registry import MethodSpec, create_method, get_method_spec, list_methods, register_method
 

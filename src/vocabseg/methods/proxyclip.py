@@ -26,11 +26,18 @@ from .registry import PaperSettings, register_method
 VFMLike = nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 
-def proxy_attention(feats: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
-    """Attention weights (B, M, M) from VFM features (B, C, h, w), per image."""
+def proxy_attention(feats: torch.Tensor, gamma: float, beta: float, share: int = 1) -> torch.Tensor:
+    """Attention weights (B, M, M) from VFM features (B, C, h, w), per image.
+
+    ``share`` > 1: consecutive groups of that many images use one mean of S (Trident runs the crops
+    of an image as one batch and its official code takes that batch's mean).
+    """
     e = F.normalize(feats.flatten(2).float(), dim=1)  # (B, C, M)
     sim = e.transpose(1, 2) @ e  # (B, M, M)
-    logits = gamma * (sim - beta * sim.mean(dim=(1, 2), keepdim=True))
+    mean = sim.mean(dim=(1, 2), keepdim=True)
+    if share > 1:  # equal-size images: the mean of the group's means is the group's mean
+        mean = mean.view(-1, share).mean(1).repeat_interleave(share).view(-1, 1, 1)
+    logits = gamma * (sim - beta * mean)
     masked = logits < 0
     empty_rows = masked.all(dim=-1, keepdim=True)
     eye = torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -88,18 +95,23 @@ class ProxyCLIP(DenseCLIPMethod):
         self.register_buffer("_to_vfm_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_to_vfm_shift", shift.view(1, 3, 1, 1), persistent=False)
 
+    def imagenet_normalised(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised images -> the ImageNet normalisation VFMs (and SAM) take, float32."""
+        return images.float() * self._to_vfm_scale + self._to_vfm_shift
+
     def vfm_features(self, images: torch.Tensor) -> torch.Tensor:
-        vfm_images = images.float() * self._to_vfm_scale + self._to_vfm_shift
-        feats = self.vfm(vfm_images)
+        feats = self.vfm(self.imagenet_normalised(images))
         if not (isinstance(feats, torch.Tensor) and feats.ndim == 4 and feats.shape[0] == images.shape[0]):
             got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
             raise ValueError(f"The VFM must return (B, C, h, w) features; got {got}")
         return feats
 
-    def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor):
+    def dense_tokens(self, x: torch.Tensor, grid: tuple[int, int], images: torch.Tensor, share: int = 1):
+        """The proxy attention's output (B, M, D) and the VFM grid it lies on; ``share`` as in
+        :func:`proxy_attention`."""
         tower = self.tower
         feats = self.vfm_features(images)
-        attn = proxy_attention(feats, self.gamma, self.beta)  # (B, M, M)
+        attn = proxy_attention(feats, self.gamma, self.beta, share)  # (B, M, M)
         out_grid = (feats.shape[-2], feats.shape[-1])
         _, _, v = tower.qkv(tower.last_block.ln_1(x))  # (B, H, 1+N, d)
         b, h, _, d = v.shape
