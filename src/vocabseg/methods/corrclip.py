@@ -75,6 +75,7 @@ from ..masks import SAM_FAMILIES, CachedMasks, CallableMasks, MaskGenerator, cre
 from ..models.clip import clip_normalization
 from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD, load_vfm
 from ..models.vit import CLIPVisionTower
+from ..text.encoder import default_cache_dir
 from .base import SegmentationMethod
 from .registry import PaperSettings, register_method
 
@@ -307,7 +308,9 @@ class CorrCLIP(SegmentationMethod):
                 f"has a fused qkv (its query + key are CorrCLIP's features); got {type(vfm).__name__}."
             )
         self.vfm = vfm
-        self.masks = CachedMasks(self._mask_generator(masks, mask_options))
+        # masks are kept per image content, on disk too (next to the text cache) for generators whose
+        # identity is stable, so evaluating several variants or rerunning reuses them
+        self.masks = CachedMasks(self._mask_generator(masks, mask_options), cache_dir=default_cache_dir())
         self.alpha, self.beta, self.tau, self.merge_eps = float(alpha), float(beta), float(tau), float(merge_eps)
         self.spatial_blocks = list(range(depth - 2 - num_spatial, depth - 2))
         self.slide_crop, self.slide_stride = slide_crop, slide_stride
