@@ -118,3 +118,51 @@ def test_seed_must_be_a_non_negative_integer(value, message, capsys):
         main(["eval", "--seed", value, "--list"])
     assert exc.value.code == 2
     assert f"argument --seed: must be {message}" in capsys.readouterr().err
+
+
+def test_paper_protocol_builds_one_segmenter_per_method_options_set(tmp_path, model_args, monkeypatch, capsys):
+    """CLIPer's paper options differ on VOC (336-px sliding views, threshold 0.1) and ADE-150 (its
+    defaults): one segmenter for VOC21 and VOC20 (run one after the other), one for ADE-150, each run
+    recording its options; -O wins over the paper's; the unified protocol builds one."""
+    import vocabseg.cli.eval as eval_cli
+
+    write_synthetic("voc20", tmp_path / "data", num_images=2, nested=True)
+    write_synthetic("ade150", tmp_path / "data", num_images=2, nested=True)
+    built, order = [], []
+
+    def recording(args, base_options=None):
+        seg = segmenter_from_args(args, base_options)
+        built.append(dict(seg.method.method_options))
+        return seg
+
+    segmenter_from_args = eval_cli.segmenter_from_args
+    monkeypatch.setattr(eval_cli, "segmenter_from_args", recording)
+    args = [a if a != "sclip" else "cliper" for a in model_args]
+
+    def run(protocol, *extra):
+        built.clear()
+        out = tmp_path / protocol / "-".join(extra)
+        code = main(["eval", "-b", "voc21,ade150,voc20", "--data-root", str(tmp_path / "data"), "-o", str(out),
+                     "--protocol", protocol, *args, *extra])  # fmt: skip
+        assert code == 0
+        order.append([line.split(":")[0] for line in capsys.readouterr().out.splitlines()[:3]])
+        recorded = {}
+        for name in ("voc21", "voc20", "ade150"):
+            (run_dir,) = (out / name).iterdir()
+            recorded[name] = json.loads((run_dir / "run.json").read_text())["method_options"]
+        return recorded
+
+    voc, ade = dict(slide_crop=336, attention_thr=0.1), dict(slide_crop=224, attention_thr=0.2)
+    recorded = run("paper")
+    assert [(b["slide_crop"], b["attention_thr"]) for b in built] == [(336, 0.1), (224, 0.2)]
+    for name, want in (("voc21", voc), ("voc20", voc), ("ade150", ade)):
+        assert {k: recorded[name][k] for k in want} == want, name
+
+    recorded = run("paper", "-O", "attention_thr=0.3")
+    assert [(b["slide_crop"], b["attention_thr"]) for b in built] == [(336, 0.3), (224, 0.3)]
+    assert (recorded["voc20"]["slide_crop"], recorded["voc20"]["attention_thr"]) == (336, 0.3)
+
+    recorded = run("unified")
+    assert [(b["slide_crop"], b["attention_thr"]) for b in built] == [(224, 0.2)]
+    assert recorded["voc20"] == recorded["ade150"]
+    assert order == [["voc21", "voc20", "ade150"]] * 2 + [["voc21", "ade150", "voc20"]]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
-from vocabseg.errors import UnknownNameError
-from vocabseg.eval.protocols import resolve_protocol
-from vocabseg.methods import list_methods
+from vocabseg.errors import MethodOptionError, UnknownNameError
+from vocabseg.eval.protocols import protocol_method_options, resolve_protocol
+from vocabseg.inference.config import InferenceConfig
+from vocabseg.methods import list_methods, register_method
+from vocabseg.methods import registry as method_registry
+from vocabseg.methods.registry import PaperSettings
 
 
 def cfg(protocol, method, benchmark, background=False, **overrides):
@@ -65,3 +69,33 @@ def test_threshold_without_background_is_refused():
         resolve_protocol("unified", "sclip", "voc20", False, {"prob_threshold": 0.2})
     with pytest.raises(UnknownNameError, match="Did you mean 'paper'"):
         resolve_protocol("papers", "sclip", "voc20", False)
+
+
+def test_paper_method_options_per_benchmark():
+    assert protocol_method_options("paper", "trident", "cityscapes") == {"cos_fac": 3.0, "refine_neg_cos": False}
+    assert protocol_method_options("paper", "trident", "voc20") == {"slide_stride": 112, "cos_fac": 0.0}
+    assert protocol_method_options("paper", "trident", "voc21") == {}  # the constructor's defaults
+    assert protocol_method_options("paper", "corrclip", "cityscapes") == {"slide_crop": 224}
+    assert protocol_method_options("paper", "cliper", "coco_stuff") == {"softmax_scale": 50.0}
+    assert protocol_method_options("paper", "sclip", "cityscapes") == {}
+    assert protocol_method_options("paper", "clip", "cityscapes") == {}  # no paper settings at all
+    for protocol in ("unified", "default"):
+        assert protocol_method_options(protocol, "trident", "cityscapes") == {}
+    with pytest.raises(UnknownNameError, match="Did you mean 'paper'"):
+        protocol_method_options("papers", "trident", "cityscapes")
+
+
+def test_paper_options_are_checked_at_registration(monkeypatch):
+    monkeypatch.setattr(method_registry, "_METHODS", dict(method_registry._METHODS))
+
+    class Toy(nn.Module):
+        def __init__(self, clip: nn.Module, gamma: float = 1.0):
+            super().__init__()
+
+    paper = PaperSettings("toy configs", {}, {"voc21": {"gamma": 2.0}, "cityscapes": {"gama": 2.0}})
+    with pytest.raises(MethodOptionError, match="paper options for cityscapes: Method 'toy' does not take gama; "):
+        register_method("toy", defaults=InferenceConfig(), summary="s", reference="r", paper=paper)(Toy)
+    assert "toy" not in list_methods()
+    paper = PaperSettings("toy configs", {}, {"voc21": {"gamma": 2.0}})
+    register_method("toy", defaults=InferenceConfig(), summary="s", reference="r", paper=paper)(Toy)
+    assert protocol_method_options("paper", "toy", "voc21") == {"gamma": 2.0}

@@ -28,7 +28,7 @@ from torch import nn
 import vocabseg.segmenter as segmenter_module
 from vocabseg import Segmenter
 from vocabseg.data.registry import DATASETS
-from vocabseg.errors import SettingsError
+from vocabseg.errors import MethodOptionError, SettingsError
 from vocabseg.inference.config import InferenceConfig
 from vocabseg.inference.sliding import rescaled_size
 from vocabseg.methods import create_method, get_method_spec, list_methods, register_method
@@ -206,6 +206,11 @@ def check_spec(spec: MethodSpec) -> None:
             f"known: {sorted(keys)}"
         )
         spec.defaults.updated(**settings)  # valid settings (SettingsError / TypeError otherwise)
+    for benchmark, options in spec.paper.options.items():
+        assert benchmark in keys, f"paper options for {benchmark!r}, which no benchmark looks up; known: {sorted(keys)}"
+        spec.check_options(options)  # options the method takes (MethodOptionError otherwise)
+        same = sorted(k for k, v in options.items() if spec.options[k] == v)
+        assert not same, f"paper options for {benchmark!r} repeat the constructor's defaults: {same}"
 
 
 def check_options_round_trip(name: str, kwargs: dict[str, Any]) -> None:
@@ -363,6 +368,13 @@ def test_device_check_catches_a_stray_tensor(sclip):
         (dict(paper=PaperSettings("SCLIP configs", {"pascal5i-0": {}})), AssertionError, "'pascal5i-0'"),
         (dict(paper=PaperSettings("", {"voc21": {}})), AssertionError, "without a source"),
         (dict(paper=PaperSettings("SCLIP configs", {"voc21": {"crop": -1}})), SettingsError, "crop=-1"),
+        (dict(paper=PaperSettings("SCLIP configs", {}, {"voc22": {}})), AssertionError, "options for 'voc22'"),
+        (dict(paper=PaperSettings("SCLIP configs", {}, {"voc21": {"gama": 2}})), MethodOptionError, "take gama"),
+        (
+            dict(options={"gamma": 3.0}, paper=PaperSettings("SCLIP configs", {}, {"voc21": {"gamma": 3.0}})),
+            AssertionError,
+            r"repeat the constructor's defaults: \['gamma'\]",
+        ),
     ],
 )
 def test_spec_check_catches_incomplete_specs(change, error, message):

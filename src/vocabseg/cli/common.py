@@ -144,7 +144,8 @@ def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def segmenter_from_args(args: argparse.Namespace):
+def segmenter_from_args(args: argparse.Namespace, base_options: dict[str, Any] | None = None):
+    """The Segmenter of the model flags; ``base_options`` are method options under ``-O`` (a protocol's)."""
     from ..segmenter import Segmenter
 
     return Segmenter(
@@ -164,7 +165,7 @@ def segmenter_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels,
         backend=args.backend,
         precision=args.precision,
-        method_kwargs=method_options_from_args(args),
+        method_kwargs={**(base_options or {}), **method_options_from_args(args)},
         **settings_from_args(args),
     )
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DatasetLayoutError, VocabsegError
-from .common import add_model_options, run_distributed, segmenter_from_args, settings_from_args
+from .common import (
+    add_model_options,
+    method_options_from_args,
+    run_distributed,
+    segmenter_from_args,
+    settings_from_args,
+)
 
 if TYPE_CHECKING:
+    from ..data.dataset import SegDataset
     from ..segmenter import Segmenter
 
 BENCHMARK_GROUPS = {
@@ -139,17 +147,40 @@ def run(args: argparse.Namespace) -> int:
     return run_distributed(args.device, job)
 
 
-def seeded_segmenter(args: argparse.Namespace) -> Segmenter:
-    """The segmenter of ``args``, with torch, NumPy and Python's RNGs seeded with ``args.seed`` right
-    before it is built: random weights are then the same in every process of a sharded run and in
-    every rerun, so the weights fingerprint, hence the run folder, is the same and a rerun resumes."""
+def seeded_segmenter(args: argparse.Namespace, base_options: dict[str, Any] | None = None) -> Segmenter:
+    """The segmenter of ``args`` (``base_options``: method options that ``-O`` overrides), with torch,
+    NumPy and Python's RNGs seeded with ``args.seed`` right before it is built: random weights are then
+    the same in every process of a sharded run and in every rerun, so the weights fingerprint, hence
+    the run folder, is the same and a rerun resumes."""
     import numpy as np
     import torch
 
     random.seed(args.seed)
     np.random.seed(args.seed % 2**32)
     torch.manual_seed(args.seed)
-    return segmenter_from_args(args)
+    return segmenter_from_args(args, base_options)
+
+
+def _segmenter_plan(args: argparse.Namespace, datasets: list[SegDataset]) -> list[tuple[str | None, dict, list]]:
+    """``(weights, protocol method options, datasets)`` per segmenter to build, in first-use order: one
+    per distinct weights (``--weights`` with ``{fold}``: each PASCAL-5i fold has its own trained
+    weights, its classes were held out) and method options (the protocol's for the dataset's benchmark,
+    under ``-O``), so benchmarks that share them share one model."""
+    from ..eval.protocols import protocol_method_options
+
+    given = method_options_from_args(args)
+    plan: dict[str, tuple[str | None, dict, list]] = {}
+    for dataset in datasets:
+        weights = args.weights
+        if isinstance(weights, str) and "{fold}" in weights:
+            fold = getattr(dataset, "fold", None)
+            if fold is None:
+                raise VocabsegError(f"--weights with {{fold}} applies to PASCAL-5i folds, not to {dataset.name}.")
+            weights = weights.format(fold=fold)
+        options = protocol_method_options(args.protocol, args.method, dataset.settings_key)
+        key = json.dumps([weights, {**options, **given}], sort_keys=True, default=str)
+        plan.setdefault(key, (weights, options, []))[2].append(dataset)
+    return list(plan.values())
 
 
 def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str, Any]], is_main: bool) -> int:
@@ -157,10 +188,8 @@ def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str
     from ..eval import evaluate, write_summary
 
     say = print if is_main else (lambda *a, **k: None)
-    per_fold = isinstance(args.weights, str) and "{fold}" in args.weights
-    seg = None if per_fold else seeded_segmenter(args)
     overrides = settings_from_args(args)
-    done, missing = 0, []
+    datasets, missing = [], []
     for name in names:
         try:
             dataset = build_dataset(name, args.data_root, **options[name])
@@ -172,28 +201,29 @@ def _run(args: argparse.Namespace, names: list[str], options: dict[str, dict[str
             continue
         for note in dataset.notes:
             say(f"{name}: {note}", file=sys.stderr)
-        if per_fold:  # each PASCAL-5i fold has its own trained weights (its classes were held out)
-            fold = getattr(dataset, "fold", None)
-            if fold is None:
-                raise VocabsegError(f"--weights with {{fold}} applies to PASCAL-5i folds, not to {name}.")
-            seg = seeded_segmenter(argparse.Namespace(**{**vars(args), "weights": args.weights.format(fold=fold)}))
-        result = evaluate(
-            seg,
-            dataset,
-            protocol=args.protocol,
-            overrides=overrides,
-            out_dir=args.out,
-            limit=args.limit,
-            convention=args.convention,
-            save_predictions=args.save_predictions,
-            images_per_batch=args.images_per_batch,
-            progress=not args.no_progress,
-            seed=args.seed,
-        )
-        done += 1
-        extra = f", FB-IoU {100 * result.metrics['FB-IoU']:.2f}" if "FB-IoU" in result.metrics else ""
-        say(f"{name}: mIoU {100 * result.miou:.2f}{extra} ({result.info['protocol']['label']}, "
-            f"{result.info['convention']}) -> {result.run_dir}/")  # fmt: skip
+        datasets.append(dataset)
+    done = 0
+    for weights, method_options, group in _segmenter_plan(args, datasets):
+        seg = None  # the previous model is freed before the next is built
+        seg = seeded_segmenter(argparse.Namespace(**{**vars(args), "weights": weights}), method_options)
+        for dataset in group:
+            result = evaluate(
+                seg,
+                dataset,
+                protocol=args.protocol,
+                overrides=overrides,
+                out_dir=args.out,
+                limit=args.limit,
+                convention=args.convention,
+                save_predictions=args.save_predictions,
+                images_per_batch=args.images_per_batch,
+                progress=not args.no_progress,
+                seed=args.seed,
+            )
+            done += 1
+            extra = f", FB-IoU {100 * result.metrics['FB-IoU']:.2f}" if "FB-IoU" in result.metrics else ""
+            say(f"{dataset.name}: mIoU {100 * result.miou:.2f}{extra} ({result.info['protocol']['label']}, "
+                f"{result.info['convention']}) -> {result.run_dir}/")  # fmt: skip
     if is_main and done:
         say(f"summary: {write_summary(args.out)}")
     if missing:

@@ -2,12 +2,15 @@
 
 * ``paper``: each method's published per-dataset settings, as committed in its official
   ``configs/cfg_<dataset>.py``, registered with the method (``MethodSpec.paper``). The base is the
-  method's registered defaults; the spec holds only what a paper changes per benchmark.
+  method's registered defaults; the spec holds only what a paper changes per benchmark, method
+  options included (:func:`protocol_method_options`: the method is built with them).
 * ``unified``: one shared protocol for like-for-like comparison: short side 336 (Cityscapes 560,
   as most of the lineage), 224 windows with stride 112, logit scale 40, no PAMR, no area threshold,
   and on datasets with a background class a probability threshold of 0.1 (the most common value:
   SCLIP, NACLIP, CASS). Architecture-bound settings (ProxyCLIP's window padding) stay the method's.
 * ``default``: the method's registered defaults, unchanged (no threshold).
+
+Only ``paper`` changes method options; the others build every method with its constructor's defaults.
 
 Command-line settings (``--short-side 448``...) are applied on top and recorded as overrides.
 """
@@ -79,6 +82,18 @@ PROTOCOLS: dict[str, Callable[[str, str, bool], tuple[dict[str, Any], str]]] = {
     "unified": _unified,
     "default": _default,
 }
+
+
+def protocol_method_options(name: str, method: str, benchmark: str) -> dict[str, Any]:
+    """The method options ``method`` is built with on ``benchmark`` under protocol ``name``: under
+    ``paper`` the published ones for that benchmark (a dataset's ``settings_key``), else none. They
+    are constructor options, so unlike :func:`resolve_protocol`'s settings they need the caller to
+    build the method with them (``vocabseg eval`` builds one per distinct set)."""
+    lookup(PROTOCOLS, name, "protocol")
+    paper = get_method_spec(method).paper
+    if name != "paper" or paper is None:
+        return {}
+    return dict(paper.options.get(benchmark, {}))
 
 
 def resolve_protocol(

@@ -39,7 +39,8 @@ the other methods, position embeddings are resized bilinearly to the grid.
 
 Protocol (official ViT-B/16 configs): short side 336 (Cityscapes 560), sliding views 224 / 112
 (VOC 336), τ 100 (COCO-Object and COCO-Stuff 50), ``attention_thr`` 0.2 (VOC 0.1, Cityscapes 0.35);
-the per-dataset method options are not part of the registered protocol. Without the SD refinement,
+VOC is VOC21 and VOC20, and the per-dataset method options are registered with the paper protocol
+(``slide_crop``, ``softmax_scale``, ``attention_thr``). Without the SD refinement,
 with sliding views (the official configs' bracketed numbers): VOC21 62.1, PC60 35.7, Object 37.5,
 VOC20 85.0, PC59 39.6, Stuff 26.4, City 38.3, ADE 20.6 mIoU, average 43.2.
 
@@ -122,6 +123,13 @@ def _is_number(value: object) -> bool:
     paper=PaperSettings(
         "linsun449/cliper.code scripts/config/vit-b-16/ovs_*.yaml (without the SD refinement)",
         {"cityscapes": {"short_side": 560}},
+        options={
+            "voc21": {"slide_crop": 336, "attention_thr": 0.1},
+            "voc20": {"slide_crop": 336, "attention_thr": 0.1},
+            "coco_object": {"softmax_scale": 50.0},
+            "coco_stuff": {"softmax_scale": 50.0},
+            "cityscapes": {"attention_thr": 0.35},
+        },
     ),
 )
 class CLIPer(SegmentationMethod):

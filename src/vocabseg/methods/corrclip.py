@@ -40,7 +40,7 @@ The paper's backbone is MetaCLIP ViT-B/16 (open_clip ``ViT-B-16-quickgelu`` / ``
 masks from SAM 2 (hiera-large, 8 × 8 points, IoU and stability thresholds 0.4); its average over
 eight benchmarks is 51.0 mIoU. Our defaults keep the library's CLIP (``--model`` picks MetaCLIP) and
 SAM 2.1 hiera-large through transformers. Protocol: short side 336 (ADE, Cityscapes 448), windows 336 /
-112 padded to multiples of 56 (Cityscapes 224, a method option here), logit scale 40, probability
+112 padded to multiples of 56 (Cityscapes 224: the method option ``slide_crop``), logit scale 40, probability
 thresholds VOC21 0.2, Context-60 0.15, COCO-Object 0.25.
 
 Deviations from the official code:
@@ -227,8 +227,7 @@ MasksLike = str | MaskGenerator | Callable[[np.ndarray], Any]
     reference="Zhang et al., CorrCLIP: Reconstructing Patch Correlations in CLIP for Open-Vocabulary "
     "Semantic Segmentation, ICCV 2025",
     paper=PaperSettings(
-        "zdk258/CorrCLIP CorrCLIPv1/configs/cfg_*.py, ADE from CorrCLIPv2/configs/cfg_ade*.py "
-        "(Cityscapes' 224-px windows are the method option slide_crop=224)",
+        "zdk258/CorrCLIP CorrCLIPv1/configs/cfg_*.py, ADE from CorrCLIPv2/configs/cfg_ade*.py",
         {
             "voc21": {"prob_threshold": 0.2},
             "context60": {"prob_threshold": 0.15},
@@ -237,6 +236,7 @@ MasksLike = str | MaskGenerator | Callable[[np.ndarray], Any]
             "ade150": {"short_side": 448},
             "ade847": {"short_side": 448},
         },
+        options={"cityscapes": {"slide_crop": 224}},
     ),  # fmt: skip
 )
 class CorrCLIP(SegmentationMethod):

@@ -36,10 +36,12 @@ TEXT_INPUTS = ("mean", "per_template")
 
 
 class PaperSettings(NamedTuple):
-    """A method's published evaluation settings."""
+    """A method's published evaluation settings: inference settings, and the constructor options some
+    papers also change per benchmark (Trident's ``cos_fac``, CLIPer's ``softmax_scale``)."""
 
     source: str  # where the settings are committed (repository and config files, or the paper)
     settings: Mapping[str, Mapping[str, Any]]  # benchmark -> settings that differ from the defaults
+    options: Mapping[str, Mapping[str, Any]] = MappingProxyType({})  # benchmark -> method options likewise
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class MethodSpec:
     Attributes:
         options: the constructor's keyword options and their defaults (besides ``clip``), read once
             from its signature at registration so callers never inspect classes themselves.
-        paper: published per-benchmark settings (``None``: the defaults are all there is).
+        paper: published per-benchmark settings and method options (``None``: the defaults are all there
+            is); its options are checked against ``options`` at registration.
         trainable: the method has parameters trained by ``vocabseg train`` and needs ``weights``.
         weights: where trained weights come from, for messages (a hub id, a release, or a recipe).
         text_input: which text embeddings :meth:`logits` takes (see :data:`TEXT_INPUTS`).
@@ -114,9 +117,15 @@ def register_method(
         if name in _METHODS:
             raise ValueError(f"Method {name!r} is already registered ({_METHODS[name].cls.__name__}).")
         options = MappingProxyType(_constructor_options(cls))
-        _METHODS[name] = MethodSpec(
+        spec = MethodSpec(
             name, cls, defaults, summary, reference, options, paper, trainable, weights, text_input, templates
         )
+        for benchmark, published in (paper.options if paper else {}).items():
+            try:
+                spec.check_options(published)
+            except MethodOptionError as exc:
+                raise MethodOptionError(f"paper options for {benchmark}: {exc}") from None
+        _METHODS[name] = spec
         cls.method_name = name
         return cls
 
