@@ -167,8 +167,8 @@ register_dataset(DatasetSpec(
     label_rule="reduce_zero_label", num_images=5105,
 ))  # fmt: skip
 register_dataset(DatasetSpec(
-    "context459", "PASCAL-Context val, full 459 classes (CAT-Seg preparation)", CONTEXT459, ClassSource(None, 459),
-    ignore_index=65535, num_images=5105, classes_in_root="labels.txt",
+    "context459", "PASCAL-Context val, full 459 classes (CAT-Seg preparation)", CONTEXT459,
+    ClassSource("context459", 459), ignore_index=65535, num_images=5105, classes_in_root="labels.txt",
 ))  # fmt: skip
 register_dataset(DatasetSpec(
     "coco_object", "COCO val2017, 80 things + background (GroupViT/TCL conversion)", COCO_OBJECT,

@@ -1,4 +1,4 @@
-"""``python -m vocabseg.data.convert {coco-object,coco-stuff,context} ...``"""
+"""``python -m vocabseg.data.convert {coco-object,coco-stuff,context,context459,ade847} ...``"""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from ...errors import VocabsegError
+from .ade_full import convert_ade847
 from .coco import convert_coco
 from .coco_instances import convert_coco_instances
 from .context import convert_context
+from .context459 import convert_context459
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("voc2010", help="VOCdevkit/VOC2010 (output goes there)")
     p.add_argument("--phases", nargs="+", default=["val"], help="default: val")
     p.set_defaults(run=lambda a: convert_context(a.json, a.voc2010, tuple(a.phases)))
+    p = sub.add_parser("context459", help="PASCAL-Context trainval/*.mat -> annotations_detectron2/pc459_val/*.tif")
+    p.add_argument("voc2010", help="VOCdevkit/VOC2010 with trainval/<id>.mat (output goes there)")
+    p.add_argument(
+        "--split-file", default=None, help="val ids (default: pascalcontext_val.txt or ImageSets/SegmentationContext)"
+    )
+    p.set_defaults(run=lambda a: convert_context459(a.voc2010, a.split_file))
+    p = sub.add_parser("ade847", help="ADE20K_2021_17_01 *_seg.png -> images_/annotations_detectron2 (A-847)")
+    p.add_argument("ade_root", help="ADE20K_2021_17_01 with images/ADE/<split>/ (output goes there)")
+    p.add_argument("--splits", nargs="+", default=["validation"], help="default: validation")
+    p.set_defaults(run=lambda a: convert_ade847(a.ade_root, tuple(a.splits)))
     return parser
 
 
