@@ -69,3 +69,15 @@ def test_inconsistent_rle_is_refused():
         rle.decode({"size": [3, 3], "counts": [4, 4]})
     with pytest.raises(ValueError, match="2-D"):
         rle.encode(np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' numpy 2 notice
+@pytest.mark.parametrize("mask", list(masks())[::4], ids=lambda m: f"{m.shape[0]}x{m.shape[1]}")
+def test_decodes_what_pycocotools_encodes(mask):
+    """SA-1B's annotations are pycocotools strings: our decoder must read them (bytes or str)."""
+    coco = pytest.importorskip("pycocotools.mask")
+    theirs = coco.encode(np.asfortranarray(mask.astype(np.uint8)))
+    np.testing.assert_array_equal(rle.decode(theirs), mask)  # counts as bytes
+    as_json = {"size": list(theirs["size"]), "counts": theirs["counts"].decode("ascii")}
+    np.testing.assert_array_equal(rle.decode(as_json), mask)
+    assert rle.area(as_json) == int(mask.sum())
