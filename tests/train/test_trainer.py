@@ -236,3 +236,32 @@ def test_data_workers_do_not_change_the_result(tmp_path):
         train(recipe, ToySegModel(seed=0), ToySegDataset(n=24), tmp_path / str(workers), progress=False)
         results[workers] = _tensors(tmp_path / str(workers))
     _assert_identical(results[0], results[2])
+
+
+class TeacherToyModel(ToySegModel):
+    """A toy model with a momentum teacher of its head, kept up to date by the ``after_step`` hook."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("teacher", self.head.weight.detach().clone())
+        self.hook_steps: list[int] = []
+
+    def after_step(self, step: int) -> None:
+        assert not torch.is_grad_enabled()
+        self.hook_steps.append(step)
+        self.teacher.mul_(0.9).add_(0.1 * self.head.weight)
+
+
+def test_after_step_runs_once_per_optimiser_step_and_its_state_resumes_exactly(tmp_path):
+    recipe = toy_recipe(max_iters=6, batch_size=4, grad_accum=2, checkpoint_every=3)
+    whole = TeacherToyModel(seed=0)
+    train(recipe, whole, ToySegDataset(n=24), tmp_path / "whole", progress=False)
+    assert whole.hook_steps == [1, 2, 3, 4, 5, 6]  # not once per micro-batch
+    assert not torch.equal(whole.teacher, TeacherToyModel(seed=0).teacher)
+
+    first = TeacherToyModel(seed=0)
+    train(replace(recipe, max_iters=3), first, ToySegDataset(n=24), tmp_path / "split", progress=False)
+    resumed = TeacherToyModel(seed=0)
+    train(recipe, resumed, ToySegDataset(n=24), tmp_path / "split", resume=True, progress=False)
+    assert resumed.hook_steps == [4, 5, 6]
+    torch.testing.assert_close(resumed.teacher, whole.teacher, rtol=0, atol=0)

@@ -40,6 +40,11 @@ class TrainableModel(Protocol):
     - ``checkpoint_config()``: JSON-serialisable facts needed to rebuild the model (``config.json``).
     - ``checkpoint_state()``: the tensors a checkpoint stores (trainable parameters and stateful buffers).
     - ``load_checkpoint_state(state)``: the inverse, strict about missing, unexpected or mis-shaped tensors.
+
+    Optional: ``after_step(step)``, called (under ``no_grad``) once after every optimiser step, with
+    the number of steps done, on every rank, before the trainer's EMA update: the place for state
+    that follows the weights, such as a momentum teacher. Keep such state in ``checkpoint_state`` so
+    a resumed run continues exactly.
     """
 
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...

@@ -325,6 +325,7 @@ def train(
             trainer_state=state,
         )
 
+    after_step = getattr(model, "after_step", None)  # the optional per-optimiser-step hook
     record: dict[str, Any] = {}
     try:
         while step < recipe.max_iters:
@@ -356,6 +357,9 @@ def train(
                 optimizer.step()
             scheduler.step()
             step += 1
+            if after_step is not None:  # e.g. a momentum teacher follows the student (PixelCLIP, ViL-Seg)
+                with torch.no_grad():
+                    after_step(step)
             if ema is not None:
                 ema.update(step)
             logger.advance()
