@@ -73,7 +73,7 @@ from ..inference.config import InferenceConfig
 from ..inference.sliding import centered_padding, window_boxes
 from ..masks import SAM_FAMILIES, CachedMasks, CallableMasks, MaskGenerator, create_mask_generator
 from ..models.clip import clip_normalization
-from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD, load_vfm
+from ..models.vfm import IMAGENET_MEAN, IMAGENET_STD, last_block_qkv, load_vfm
 from ..models.vit import CLIPVisionTower
 from ..text.encoder import default_cache_dir
 from .base import SegmentationMethod
@@ -166,22 +166,11 @@ def _timm_vit(vfm: Any) -> nn.Module | None:
     return model if ok else None
 
 
-@torch.no_grad()
 def last_block_query_key(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """q + k of the last attention block of a timm ViT (all heads, concatenated) per patch token, as
-    (B, C, h, w): the DINO features CorrCLIP correlates."""
-    captured: list[torch.Tensor] = []
-    handle = model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model.forward_features(images.to(next(model.parameters()).dtype))
-    finally:
-        handle.remove()
-    qkv = captured[-1]
-    dim = qkv.shape[-1] // 3
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    h, w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
-    feats = (qkv[:, prefix:, :dim] + qkv[:, prefix:, dim : 2 * dim]).float()
-    return feats.transpose(1, 2).reshape(feats.shape[0], dim, h, w)
+    """q + k of the last attention block of a timm ViT per patch token, as (B, C, h, w): the DINO
+    features CorrCLIP correlates."""
+    q, k, _ = last_block_qkv(model, images)
+    return (q + k).float()
 
 
 # -- CLIP pieces -------------------------------------------------------------------------------------------

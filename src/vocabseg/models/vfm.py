@@ -139,3 +139,21 @@ def _local_vfm_hint(option: str) -> str:
         f"Pass a local checkpoint: `--{option.replace('_', '-')} /path/to/model.safetensors` "
         f"(Python: `{option}='/path/...'`), or any module returning (B, C, h, w) features as `{module}=`."
     )
+
+
+@torch.no_grad()
+def last_block_qkv(vfm: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of the last attention block of a timm ViT (a :class:`TimmVFM` or the timm
+    model itself; all heads concatenated) per patch token, each (B, C, h, w): the DINO features
+    CorrCLIP (q + k) and LPOSS (v) build on. Read through a forward hook on the fused ``qkv``."""
+    model = getattr(vfm, "model", vfm)
+    captured: list[torch.Tensor] = []
+    handle = model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model.forward_features(images.to(next(model.parameters()).dtype))
+    finally:
+        handle.remove()
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    h, w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+    patches = captured[-1][:, prefix:]
+    return tuple(t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in patches.chunk(3, dim=-1))

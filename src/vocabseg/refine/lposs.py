@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SettingsError
+from ..models.vfm import last_block_qkv
 
 __all__ = [
     "LPOSS",
@@ -274,24 +275,10 @@ def window_patch_positions(box: tuple[int, int, int, int], grid: tuple[int, int]
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
-@torch.no_grad()
 def last_block_values(vfm: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The value vectors of the last attention block (all heads, concatenated) of a timm ViT VFM
-    (a :class:`~vocabseg.models.vfm.TimmVFM` or the timm model itself), as (B, C, h, w): the DINO
+    """The value vectors of the last attention block of a timm ViT VFM, (B, C, h, w): the DINO
     features the official LPOSS builds its graph on (``enc_type_feats: v``)."""
-    model = getattr(vfm, "model", vfm)
-    captured: list[torch.Tensor] = []
-    handle = model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model.forward_features(images.to(next(model.parameters()).dtype))
-    finally:
-        handle.remove()
-    qkv = captured[-1]
-    dim = qkv.shape[-1] // 3
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    h, w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
-    values = qkv[:, prefix:, 2 * dim :]
-    return values.transpose(1, 2).reshape(values.shape[0], dim, h, w)
+    return last_block_qkv(vfm, images)[2]
 
 
 @dataclass(frozen=True)
