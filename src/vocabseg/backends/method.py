@@ -44,7 +44,21 @@ logger = logging.getLogger(__name__)
 Features = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-class BackendMethod(SegmentationMethod):
+class _WrappedMethod(SegmentationMethod):
+    """A method whose image side runs elsewhere: it answers for the wrapped method's name and options."""
+
+    method: SegmentationMethod
+
+    @property
+    def method_name(self) -> str:
+        return self.method.method_name
+
+    @property
+    def method_options(self) -> dict:
+        return self.method.method_options
+
+
+class BackendMethod(_WrappedMethod):
     """A training-free method whose features come from its ONNX export, run by ``backend``.
 
     One export (and one compiled session) per window size seen, at most ``max_window_sizes`` of them;
@@ -72,14 +86,6 @@ class BackendMethod(SegmentationMethod):
         self._weights_version: tuple = ()
         self._warned_sizes = False
         self._lock = threading.Lock()  # a server's threads share one method: one export, one session each
-
-    @property
-    def method_name(self) -> str:
-        return self.method.method_name
-
-    @property
-    def method_options(self) -> dict:
-        return self.method.method_options
 
     @property
     def precisions(self) -> set[str]:
@@ -141,7 +147,7 @@ def _weights_version(module: torch.nn.Module) -> tuple:
     return tuple(version)
 
 
-class AutoMethod(SegmentationMethod):
+class AutoMethod(_WrappedMethod):
     """Runs the fastest of PyTorch and every installed ONNX runtime, timed on the first windows.
 
     The first call runs each candidate once untimed (export, compilation, first allocations) and
@@ -161,14 +167,6 @@ class AutoMethod(SegmentationMethod):
         runtimes = [n for n in list_backends(runtimes_only=True) if get_backend(n).installed]
         cache = ExportCache(options.cache_dir)  # one export serves every runtime
         self._candidates = {"torch": method, **{n: BackendMethod(method, n, options, cache) for n in runtimes}}
-
-    @property
-    def method_name(self) -> str:
-        return self.method.method_name
-
-    @property
-    def method_options(self) -> dict:
-        return self.method.method_options
 
     def forward(self, images: torch.Tensor, return_global: bool = False) -> Features:
         with self._lock:
