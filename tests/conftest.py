@@ -17,6 +17,7 @@ os.environ["VOCABSEG_CACHE"] = tempfile.mkdtemp(prefix="vocabseg-test-cache-")
 atexit.register(shutil.rmtree, os.environ["VOCABSEG_CACHE"], ignore_errors=True)
 
 import json  # noqa: E402
+import math  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
@@ -125,3 +127,20 @@ def make_tiny_sam(seed: int = 0, window_last: bool = False) -> torch.nn.Module:
             block.attn.rel_pos_h.normal_(std=0.5)
             block.attn.rel_pos_w.normal_(std=0.5)
     return model
+
+
+# -- literal references shared by the method parity tests (the slow, obvious way) ------------------------------
+def softmax(a: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def ref_positional(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """CLIP's patch positions resized as the SCLIP lineage does: bicubic, scale factor (g + 0.1) / n."""
+    n = int(math.sqrt(pos.shape[0] - 1))
+    if (gh, gw) == (n, n):
+        return pos
+    grid = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic")
+    assert grid.shape[-2:] == (gh, gw)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])

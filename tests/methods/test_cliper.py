@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import softmax
 
 from vocabseg import Segmenter
 from vocabseg.errors import MethodOptionError
@@ -24,9 +25,6 @@ PATCH = 16  # the tiny CLIP's
 # ----------------------------------------------------------------------------------------------------------------
 # reference implementation
 # ----------------------------------------------------------------------------------------------------------------
-def softmax(a: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
 
 
 def unit(a: torch.Tensor) -> torch.Tensor:

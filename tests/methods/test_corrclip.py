@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ref_positional, softmax
 from torch import nn
 
 from vocabseg import Segmenter
@@ -42,9 +43,6 @@ def region_generator(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # reference implementation
 # ----------------------------------------------------------------------------------------------------------------
-def softmax(a: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
 
 
 def unit(a: torch.Tensor) -> torch.Tensor:
@@ -58,15 +56,6 @@ def ref_label_map(masks: np.ndarray) -> torch.Tensor:
     for rank, i in enumerate(order):
         labels[torch.from_numpy(masks[i])] = rank + 1
     return labels
-
-
-def ref_positional(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    n = int(math.sqrt(pos.shape[0] - 1))
-    if (gh, gw) == (n, n):
-        return pos
-    grid = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic")
-    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
 
 
 def ref_block_inputs(clip, image: torch.Tensor):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ref_positional, softmax
 
 from vocabseg.methods import create_method, list_methods
 
@@ -22,19 +23,6 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 # ----------------------------------------------------------------------------------------------------------------
 # reference implementation
 # ----------------------------------------------------------------------------------------------------------------
-def softmax(a: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def ref_positional(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    n = int(math.sqrt(pos.shape[0] - 1))
-    if (gh, gw) == (n, n):
-        return pos
-    grid = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic")
-    assert grid.shape[-2:] == (gh, gw)
-    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
 
 
 def ref_block_input(clip, image: torch.Tensor):

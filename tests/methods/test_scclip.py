@@ -16,6 +16,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ref_positional, softmax
 
 from vocabseg import Segmenter
 from vocabseg.errors import MethodOptionError
@@ -47,18 +48,6 @@ def deep_clip() -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # reference implementation
 # ----------------------------------------------------------------------------------------------------------------
-def softmax(a: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def ref_positional(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    n = int(math.sqrt(pos.shape[0] - 1))
-    if (gh, gw) == (n, n):
-        return pos
-    grid = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic")
-    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
 
 
 def ref_block_outputs(clip, image: torch.Tensor):

@@ -15,7 +15,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL_CLIP
+from conftest import SMALL_CLIP, softmax
 
 from vocabseg import Segmenter
 from vocabseg.errors import MethodOptionError
@@ -31,9 +31,6 @@ LAYERS = dict(pre_layer=1, post_layer=0, fuse_layers=(0, 1))  # distinct blocks 
 # ----------------------------------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------------------------------
-def softmax(a: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
 
 
 def ref_hidden(clip, image: torch.Tensor):

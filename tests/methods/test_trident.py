@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_sam, make_tiny_vfm
+from conftest import make_tiny_sam, make_tiny_vfm, softmax
 
 from vocabseg import Segmenter
 from vocabseg.errors import MethodOptionError, UnknownNameError, WeightsUnavailableError
@@ -43,11 +43,6 @@ def build(tiny_clip, vfm, sam, **options):
 # ----------------------------------------------------------------------------------------------------------------
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def softmax(a: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
 
 
 def to_imagenet(clip, image: torch.Tensor) -> torch.Tensor:
