@@ -425,10 +425,13 @@ class Segmenter:
         config = self.settings(**overrides)
         vocab = self.vocabulary(classes, background, config.prob_threshold)
         limit = self.max_pixels if max_pixels == DEFAULT else max_pixels
-        self._encoded(vocab, config)  # names the tokenizer would cut are refused here, once, not per image
+        # encoded once, here: names the tokenizer would cut are refused before any image, and the
+        # batches reuse the embeddings instead of asking the text cache again
+        vocab, text = self._encoded(vocab, config)
         flush = functools.partial(
-            self._flush, vocab=vocab, config=config, on_error=on_error, progress=progress, return_probs=return_probs
-        )
+            self._flush, vocab=vocab, text=text, config=config, on_error=on_error, progress=progress,
+            return_probs=return_probs,
+        )  # fmt: skip
         return self._outcomes(images, flush, on_error, images_per_batch, limit, prefetch)
 
     def _outcomes(self, images, flush, on_error, images_per_batch, limit, prefetch) -> Iterator[SegmentOutcome]:
@@ -449,19 +452,19 @@ class Segmenter:
                     pending = []
             yield from flush(pending)
 
-    def _flush(self, pending, vocab, config, on_error, progress, return_probs) -> Iterator[SegmentOutcome]:
+    def _flush(self, pending, vocab, text, config, on_error, progress, return_probs) -> Iterator[SegmentOutcome]:
         if not pending:
             return
         try:
             results = self.predict_arrays(
-                [a for _, _, a in pending], vocab, config, progress=progress, return_probs=return_probs
+                [a for _, _, a in pending], vocab, config, progress=progress, return_probs=return_probs, text=text
             )
         except Exception as exc:
             if on_error == "raise":
                 raise
             if len(pending) > 1:  # find the image at fault: the others still get their results
                 for item in pending:
-                    yield from self._flush([item], vocab, config, on_error, progress, return_probs)
+                    yield from self._flush([item], vocab, text, config, on_error, progress, return_probs)
                 return
             index, source, _ = pending[0]
             yield SegmentOutcome(index, source, error=_outcome_error(exc, source))
@@ -477,8 +480,12 @@ class Segmenter:
         config: InferenceConfig,
         progress: Callable[[int], None] | None = None,
         return_probs: bool = True,
+        text: torch.Tensor | None = None,
     ) -> list[SegmentationResult]:
         """Segment decoded (H, W, 3) uint8 images with an explicit vocabulary and settings.
+
+        ``text``: the vocabulary's embeddings when the caller has them (``vocab`` then as scored:
+        ``segment_many`` passes both), else they are encoded (or read from the cache) here.
 
         The window logits are averaged at the resized image's size (or, with a refiner, refined from
         the windows jointly: :meth:`_refined_logits`), then brought to the input's size (bilinear,
@@ -487,7 +494,8 @@ class Segmenter:
         each name's map alone, so the labels are the same), and ``result.probs`` is ``None``.
         """
         config = config.for_device(self.device)
-        vocab, text = self._encoded(vocab, config)
+        if text is None:
+            vocab, text = self._encoded(vocab, config)
         inputs = [self._normalize(a) for a in arrays]
         resized = [
             resize_image(x, rescaled_size(*x.shape[-2:], config.short_side, config.max_long_side)) for x in inputs
