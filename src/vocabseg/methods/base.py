@@ -17,7 +17,7 @@ from torch import nn
 
 from ..inference.sliding import centered_padding
 from ..inference.surgery import surgery_logits
-from ..models.vit import CLIPVisionTower
+from ..models.vit import CLIPVisionTower, PositionResize
 
 
 class SegmentationMethod(nn.Module):
@@ -46,6 +46,9 @@ class DenseCLIPMethod(SegmentationMethod):
     ``ln_post``) and the grid it lies on; this class applies ``ln_post`` and ``proj`` and reshapes.
     """
 
+    #: how CLIP's position embeddings are resized to other grids (``CLIPVisionTower.positional_embedding``)
+    position_resize: PositionResize = "bicubic"
+
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.tower = CLIPVisionTower(clip.visual)
@@ -60,7 +63,7 @@ class DenseCLIPMethod(SegmentationMethod):
         self, images: torch.Tensor, return_global: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Dense features (B, E, h, w); with ``return_global`` also CLIP's image embedding (B, E)."""
-        x, grid = self.tower.tokens_before_last_block(images)
+        x, grid = self.tower.tokens_before_last_block(images, self.position_resize)
         tokens, (h, w) = self.dense_tokens(x, grid, images)
         feats = self.tower.head(tokens)
         dense = feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[-1], h, w)

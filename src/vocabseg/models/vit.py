@@ -10,6 +10,7 @@ open_clip 4.x replaces ``nn.MultiheadAttention`` with its own module but keeps t
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -17,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CLIPVisionTower"]
+__all__ = ["CLIPVisionTower", "POSITION_RESIZES", "PositionResize"]
+
+PositionResize = Literal["bicubic", "bilinear", "bicubic_size"]
+POSITION_RESIZES: tuple[str, ...] = typing.get_args(PositionResize)
 
 
 class CLIPVisionTower(nn.Module):
@@ -69,17 +73,17 @@ class CLIPVisionTower(nn.Module):
         return self.visual.transformer.resblocks[-1]
 
     # -- forward pieces ----------------------------------------------------------------------------
-    def positional_embedding(
-        self, grid: tuple[int, int], resize: Literal["bicubic", "bilinear"] = "bicubic"
-    ) -> torch.Tensor:
+    def positional_embedding(self, grid: tuple[int, int], resize: PositionResize = "bicubic") -> torch.Tensor:
         """Position embeddings for a ``grid`` of patches; the native grid's are used unchanged.
 
         ``resize="bicubic"``: as the SCLIP lineage does, with ``scale_factor = (g + 0.1) / g_native``
         (the DINO recipe, research note (d)2), which differs numerically from a ``size=``-based resize.
         ``resize="bilinear"``: a bilinear resize to ``size=grid``, as CLIPer's official code does.
+        ``resize="bicubic_size"``: a bicubic resize to ``size=grid``, as CAT-Seg's and PixelCLIP's dense
+        CLIP (``resized_pos_embed``) does.
         """
-        if resize not in ("bicubic", "bilinear"):
-            raise ValueError(f"resize must be 'bicubic' or 'bilinear', got {resize!r}.")
+        if resize not in POSITION_RESIZES:
+            raise ValueError(f"resize must be one of {POSITION_RESIZES}, got {resize!r}.")
         pos = self.visual.positional_embedding
         if self.patch_position_fn is not None:  # CLIP's CLS position, the replacement's patch positions
             return torch.cat([pos[:1], self.patch_position_fn(tuple(grid)).to(pos.dtype)], dim=0)
@@ -89,8 +93,9 @@ class CLIPVisionTower(nn.Module):
         cls_pos, patch_pos = pos[:1], pos[1:]
         dim = pos.shape[-1]
         patch_pos = patch_pos.reshape(1, native[0], native[1], dim).permute(0, 3, 1, 2).float()
-        if resize == "bilinear":
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bilinear", align_corners=False)
+        if resize in ("bilinear", "bicubic_size"):
+            mode = "bilinear" if resize == "bilinear" else "bicubic"
+            patch_pos = F.interpolate(patch_pos, size=grid, mode=mode, align_corners=False)
         else:
             scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])
             patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
@@ -103,9 +108,7 @@ class CLIPVisionTower(nn.Module):
     def depth(self) -> int:
         return len(self.visual.transformer.resblocks)
 
-    def embed(
-        self, images: torch.Tensor, resize: Literal["bicubic", "bilinear"] = "bicubic"
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed(self, images: torch.Tensor, resize: PositionResize = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
         """The first block's input (B, 1+N, D) and the patch grid: patch embedding, CLS token, position
         embeddings (resized as :meth:`positional_embedding` says), patch dropout and ``ln_pre``.
 
@@ -119,13 +122,15 @@ class CLIPVisionTower(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, resize).to(x.dtype)
         return v.ln_pre(v.patch_dropout(x)), grid
 
-    def tokens_before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def tokens_before_last_block(
+        self, images: torch.Tensor, resize: PositionResize = "bicubic"
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch-embed ``images`` and run every block but the last. Returns ((B, 1+N, D), grid)."""
-        x, grid, _ = self.forward_intermediates(images, ())
+        x, grid, _ = self.forward_intermediates(images, (), resize)
         return x, grid
 
     def forward_intermediates(
-        self, images: torch.Tensor, indices: Sequence[int] = ()
+        self, images: torch.Tensor, indices: Sequence[int] = (), resize: PositionResize = "bicubic"
     ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor]]:
         """Run every block but the last, keeping the outputs of blocks ``indices`` on the way.
 
@@ -145,7 +150,7 @@ class CLIPVisionTower(nn.Module):
                 f"and blocks 0..{self.depth - 2} (or -{self.depth}..-2) can be returned."
             )
         v = self.visual
-        x, grid = self.embed(images)
+        x, grid = self.embed(images, resize)
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
@@ -172,6 +177,16 @@ class CLIPVisionTower(nn.Module):
         merged = heads.transpose(1, 2).reshape(b, t, h * d)
         proj = self.last_block.attn.out_proj
         return F.linear(merged, proj.weight, proj.bias)
+
+    def value_path_cls_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block as CAT-Seg's and PixelCLIP's dense CLIP runs it: no q-k attention,
+        ``Y = O(V) + X_cls`` (the CLS token's input added to *every* token, not each token's own),
+        then the MLP with its residual. (B, 1+N, D) -> (B, 1+N, D), before ``ln_post``.
+
+        Differs from MaskCLIP's ``Y = X + O(V)`` only in the residual.
+        """
+        _, _, v = self.qkv(self.last_block.ln_1(x))
+        return self.mlp_residual(self.attention_residual(x[:, :1], self.out_proj(v)))
 
     def attention_residual(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """``X + ls_1(attn_out)``: the residual around the last block's attention."""
