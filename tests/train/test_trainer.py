@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
-from vocabseg.eval.distributed import exit_process
 from vocabseg.train import DataConfig, TrainingError, lr_factor, train
 from vocabseg.train.checkpoint import LAST, checkpoint_name, numbered_checkpoints
 from vocabseg.train.log import read_metrics
 
+from .harness import assert_identical, check_ddp_equals_single, check_sigkill_resume, tensors
 from .toy import ToySegDataset, ToySegModel, pixel_accuracy, toy_recipe
 
 TOY_RUN = Path(__file__).with_name("toy_run.py")
-
-
-def _tensors(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in load_file(run / LAST / name).items()}  # not a view of the file
-
-
-def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_training_learns_the_toy_task(tmp_path):
@@ -55,114 +38,35 @@ def test_training_learns_the_toy_task(tmp_path):
     ]
 
 
-def _start(out: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(TOY_RUN), str(out), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
-    return output
-
-
-def _kill_after(proc: subprocess.Popen, marker: Path, extra_delay: float) -> None:
-    """SIGKILL once ``marker`` exists (plus a delay), checking the run had not finished."""
-    deadline = time.monotonic() + 90
-    while not marker.exists():
-        assert proc.poll() is None, f"run ended before writing {marker.name}: {proc.communicate()[0]}"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    time.sleep(extra_delay)
-    assert proc.poll() is None, "the run finished before it could be killed; increase --step-delay"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+TOY = Path(__file__).with_name("toy.py")
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_identical_weights(tmp_path):
     """Reference: an uninterrupted run. Then runs with 0 and 2 loader workers, killed mid-way with
     SIGKILL and resumed in a new process, must end with bit-identical model, optimiser, EMA and logs."""
-    final = checkpoint_name(12)
-    reference = _start(tmp_path / "ref")
-    killed = {w: _start(tmp_path / f"w{w}", "--workers", str(w), "--step-delay", "0.15") for w in (0, 2)}
-    _kill_after(killed[0], tmp_path / "w0" / checkpoint_name(3), extra_delay=0.0)
-    _kill_after(killed[2], tmp_path / "w2" / checkpoint_name(6), extra_delay=0.2)
+    setup = f"{TOY}:toy_resume_setup"
+    check_sigkill_resume(tmp_path, setup, kill_at=((0, 3, 0.0), (2, 6, 0.2)), step_delay=0.15)
+    assert any(k.startswith("ema.") for k in tensors(tmp_path / "ref", "trainer_state.safetensors"))
+    assert [r["step"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")] == list(range(1, 13))
     for w in (0, 2):
-        assert not (tmp_path / f"w{w}" / final).exists()
-    resumed = {w: _start(tmp_path / f"w{w}", "--workers", str(w), "--resume") for w in (0, 2)}
-    _finish(reference)
-    ref_model, ref_state = _tensors(tmp_path / "ref"), _tensors(tmp_path / "ref", "trainer_state.safetensors")
-    ref_metrics = read_metrics(tmp_path / "ref" / "metrics.jsonl")
-    assert [r["step"] for r in ref_metrics] == list(range(1, 13))
-    for w in (0, 2):
-        output = _finish(resumed[w])
-        assert "resuming at step" in output and "resumed_from=None" not in output, output
-        run = tmp_path / f"w{w}"
-        _assert_identical(_tensors(run), ref_model)
-        _assert_identical(_tensors(run, "trainer_state.safetensors"), ref_state)  # optimiser, EMA, RNG
-        assert any(k.startswith("ema.") for k in ref_state)
-        assert read_metrics(run / "metrics.jsonl") == ref_metrics
-        assert [s for s, _ in numbered_checkpoints(run)] == [9, 12]  # keep_last=2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_recipe(batch_size: int):
-    return toy_recipe(batch_size=batch_size, grad_accum=2, max_iters=6, checkpoint_every=6, clip_grad_norm=None)
-
-
-def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    model = ToySegModel(seed=0, dropout=0.0)  # dropout draws differ per rank; everything else must agree
-    result = train(_ddp_recipe(batch_size=2), model, ToySegDataset(n=24), out, progress=False)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"world_size": result.world_size, "effective_batch": result.effective_batch}, f)
-    exit_process(0)
+        assert [s for s, _ in numbered_checkpoints(tmp_path / f"w{w}")] == [9, 12]  # keep_last=2
 
 
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_with_twice_the_batch(tmp_path):
-    ddp_out = tmp_path / "ddp"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp_out)), nprocs=2, join=True)
-    single = ToySegModel(seed=0, dropout=0.0)
-    result = train(_ddp_recipe(batch_size=4), single, ToySegDataset(n=24), tmp_path / "one", progress=False)
-    assert result.effective_batch == 8
-    for rank in (0, 1):
-        assert json.loads((ddp_out / f"rank{rank}.json").read_text()) == {"world_size": 2, "effective_batch": 8}
-    ddp_state, one_state = _tensors(ddp_out), _tensors(tmp_path / "one")
-    assert sorted(ddp_state) == sorted(one_state)
-    for k in one_state:
-        if k == "seen":  # DDP broadcasts rank 0's buffers: it counted its own half of each batch
-            assert int(ddp_state[k]) * 2 == int(one_state[k]) == 6 * 8
-        else:
-            torch.testing.assert_close(ddp_state[k], one_state[k], rtol=0, atol=1e-5)
+    ddp_state, one_state = check_ddp_equals_single(tmp_path, f"{TOY}:toy_ddp_setup", per_rank_keys=("seen",))
+    # DDP broadcasts rank 0's buffers: it counted its own half of each batch
+    assert int(ddp_state["seen"]) * 2 == int(one_state["seen"]) == 6 * 8
     assert not torch.equal(one_state["head.weight"], ToySegModel(seed=0).head.weight.detach())  # it did train
-    ddp_log, one_log = read_metrics(ddp_out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
-    assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log] == list(range(1, 7))  # rank 0 only
-    for a, b in zip(ddp_log, one_log):  # the logged loss is the mean over ranks
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert [r["step"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")] == list(range(1, 7))
 
 
 def test_resume_from_a_corrupt_newest_checkpoint_falls_back_and_stays_exact(tmp_path):
     recipe = toy_recipe(max_iters=8, checkpoint_every=2, keep_last=3, grad_accum=2, ema_decay=0.5)
     data = ToySegDataset(n=24)
     train(recipe, ToySegModel(seed=0), data, tmp_path, progress=False)
-    reference = _tensors(tmp_path), _tensors(tmp_path, "trainer_state.safetensors")
+    reference = tensors(tmp_path), tensors(tmp_path, "trainer_state.safetensors")
     ref_metrics = read_metrics(tmp_path / "metrics.jsonl")
     for name in (checkpoint_name(8), LAST):  # the newest two are damaged: resume must use step 6
         with open(tmp_path / name / "model.safetensors", "r+b") as f:
@@ -171,8 +75,8 @@ def test_resume_from_a_corrupt_newest_checkpoint_falls_back_and_stays_exact(tmp_
     with pytest.warns(UserWarning, match="damaged"):
         result = train(recipe, ToySegModel(seed=0), data, tmp_path, resume=True, progress=False)
     assert result.resumed_from == tmp_path / checkpoint_name(6) and result.step == 8
-    _assert_identical(_tensors(tmp_path), reference[0])
-    _assert_identical(_tensors(tmp_path, "trainer_state.safetensors"), reference[1])
+    assert_identical(tensors(tmp_path), reference[0])
+    assert_identical(tensors(tmp_path, "trainer_state.safetensors"), reference[1])
     assert read_metrics(tmp_path / "metrics.jsonl") == ref_metrics  # steps 7, 8 dropped, then rewritten
 
 
@@ -234,8 +138,8 @@ def test_data_workers_do_not_change_the_result(tmp_path):
     for workers in (0, 2):
         recipe = toy_recipe(max_iters=4, data=DataConfig(dataset="toy", crop=16, num_workers=workers))
         train(recipe, ToySegModel(seed=0), ToySegDataset(n=24), tmp_path / str(workers), progress=False)
-        results[workers] = _tensors(tmp_path / str(workers))
-    _assert_identical(results[0], results[2])
+        results[workers] = tensors(tmp_path / str(workers))
+    assert_identical(results[0], results[2])
 
 
 class TeacherToyModel(ToySegModel):

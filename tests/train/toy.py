@@ -123,3 +123,22 @@ def toy_recipe(**changes: Any) -> Recipe:
         seed=7,
     )
     return replace(base, **changes)
+
+
+def toy_resume_setup(batch_size: int | None = None, workers: int = 0) -> tuple[Recipe, ToySegModel, ToySegDataset]:
+    """The SIGKILL/resume check's run (see ``harness.py``): accumulation, EMA, clipping and dropout."""
+    recipe = toy_recipe(
+        grad_accum=2,
+        ema_decay=0.9,
+        clip_grad_norm=1.0,
+        data=DataConfig(dataset="toy", crop=16, num_workers=workers),
+    )
+    if batch_size is not None:
+        recipe = replace(recipe, batch_size=batch_size)
+    return recipe, ToySegModel(seed=0), ToySegDataset(n=24)
+
+
+def toy_ddp_setup(batch_size: int | None = None, workers: int = 0) -> tuple[Recipe, ToySegModel, ToySegDataset]:
+    """The DDP check's run: no dropout (its draws differ per rank) and no clipping."""
+    recipe = toy_recipe(batch_size=batch_size or 2, grad_accum=2, max_iters=6, checkpoint_every=6, clip_grad_norm=None)
+    return recipe, ToySegModel(seed=0, dropout=0.0), ToySegDataset(n=24)

@@ -94,10 +94,15 @@ def _seed_worker(worker_id: int) -> None:
 def build_loader(
     dataset: Dataset, sampler: ResumableDistributedSampler, *, batch_size: int, num_workers: int, pin_memory: bool
 ) -> DataLoader:
-    """A DataLoader over ``sampler`` with whole batches only and its own generator (see :class:`BatchStream`)."""
+    """A DataLoader over ``sampler`` with whole batches only and its own generator (see :class:`BatchStream`).
+
+    A dataset whose samples do not stack (a variable number of masks per image) gives its own
+    ``collate_fn`` attribute, which the loader uses instead of the default stacking.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        collate_fn=getattr(dataset, "collate_fn", None),
         sampler=sampler,
         num_workers=num_workers,
         drop_last=True,
