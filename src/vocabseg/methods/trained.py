@@ -47,6 +47,22 @@ class TrainedCLIPMethod(SegmentationMethod):
         """The (K, D) (or (K, P, D)) unit text embeddings of the training classes, in label order."""
         self.class_text = text.detach().to(self.class_text.device)
 
+    def prepare_training(self, clip: Any, dataset: Any) -> None:
+        """Called once before training with the base CLIP (a ``LoadedCLIP``: model and tokenizer) and
+        the training dataset: whatever the method needs from both. The default suits a frozen text
+        tower: the prompt-ensembled embeddings of the dataset's classes (``dataset.vocabulary``), with
+        the method's published templates. Methods that fine-tune the text tower (keep the tokenized
+        prompts instead) or learn without class labels (prompts of their own, captions) override it.
+        """
+        from ..text.encoder import TextEncoder
+        from ..text.templates import resolve_templates
+        from .registry import get_method_spec
+
+        spec = get_method_spec(self.method_name)
+        encoder = TextEncoder(clip.model, clip.tokenizer, resolve_templates(spec.templates), cache_dir=None)
+        names = [c.names[0] for c in dataset.vocabulary.classes]
+        self.set_class_text(encoder.encode(names, per_template=spec.text_input == "per_template"))
+
     # -- the trainer's contract ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -21,8 +21,6 @@ from ..errors import MethodOptionError
 from ..methods import create_method, get_method_spec
 from ..methods.trained import TrainedCLIPMethod
 from ..models.clip import LoadedCLIP, load_clip
-from ..text.encoder import TextEncoder
-from ..text.templates import resolve_templates
 from .recipe import DataConfig, Recipe
 
 __all__ = ["TRAIN_DATA", "TrainingSetup", "build_training", "build_model"]
@@ -88,13 +86,6 @@ def build_model(recipe: Recipe, device: str | torch.device = "cpu") -> tuple[Tra
     return model.to(device).train(), clip
 
 
-def class_text(model: TrainedCLIPMethod, clip: LoadedCLIP, class_names: list[str]) -> torch.Tensor:
-    """Prompt-ensembled embeddings of the training classes, with the method's published templates."""
-    spec = get_method_spec(model.method_name)
-    encoder = TextEncoder(clip.model, clip.tokenizer, resolve_templates(spec.templates), cache_dir=None)
-    return encoder.encode(class_names, per_template=spec.text_input == "per_template")
-
-
 def build_training(
     recipe: Recipe,
     data_root: str | os.PathLike,
@@ -120,7 +111,7 @@ def build_training(
         std=clip.std,
     )
     dataset = data.train(recipe.data, data_root, transforms)
-    model.set_class_text(class_text(model, clip, [c.names[0] for c in dataset.vocabulary.classes]))
+    model.prepare_training(clip, dataset)
     validate = None
     if data.validation is not None and recipe.val_every:
         val_set = data.validation(recipe.data, data_root)
