@@ -8,7 +8,6 @@ buffer (so checkpoints must store buffers).
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -51,7 +50,7 @@ class ToySegDataset(Dataset):
 class ToySegModel(nn.Module):
     """frozen 1x1 stem -> 3x3 conv body -> dropout -> 1x1 head, trained with cross-entropy."""
 
-    def __init__(self, seed: int = 0, width: int = 8, dropout: float = 0.2, step_delay: float = 0.0):
+    def __init__(self, seed: int = 0, width: int = 8, dropout: float = 0.2):
         super().__init__()
         self.stem = nn.Conv2d(3, 3, 1)
         self.body = nn.Conv2d(3, width, 3, padding=1)
@@ -64,14 +63,11 @@ class ToySegModel(nn.Module):
         self.stem.requires_grad_(False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
         self.options = {"width": width, "dropout": dropout}
-        self.step_delay = step_delay
 
     def forward(self, image: Tensor) -> Tensor:
         return self.head(self.drop(F.relu(self.body(self.stem(image)))))
 
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.step_delay:
-            time.sleep(self.step_delay)
         logits = self(batch["image"])
         self.seen += batch["image"].shape[0]
         loss = F.cross_entropy(logits, batch["label"])
