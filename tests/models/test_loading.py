@@ -140,3 +140,28 @@ def test_dinov2_registers_are_dropped_and_sam_neck_is_used():
     with torch.no_grad():
         assert reg(torch.randn(2, 3, 56, 84)).shape == (2, 384, 4, 6)
         assert sam(torch.randn(1, 3, 40, 50)).shape == (1, 256, 4, 4)  # resized to its fixed 64 x 64 input
+
+
+@pytest.mark.parametrize(
+    ("arch", "tag", "forced"),
+    [("ViT-B-16", "openai", True), ("ViT-B-16-quickgelu", "openai", False), ("ViT-B-16", "laion2b_s34b_b88k", False)],
+)
+def test_openai_tags_load_with_quick_gelu(monkeypatch, arch, tag, forced):
+    """OpenAI weights were trained with QuickGELU: the plain ViT-B-16 config must not run them with GELU."""
+    import open_clip
+
+    from vocabseg.models.clip import load_clip, tag_needs_quick_gelu
+
+    seen, create_model = {}, open_clip.create_model
+
+    def fake_create_model(name, **kwargs):  # no weights can be downloaded: the tiny model, same flags
+        seen.update(kwargs, name=name)
+        return create_model("vocabseg-test-tiny", pretrained=None, force_quick_gelu=kwargs["force_quick_gelu"])
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    load_clip(arch, tag)
+    assert tag_needs_quick_gelu(arch, tag) is forced
+    assert seen["name"] == arch and seen["force_quick_gelu"] is forced
+    if forced:  # what the flag does in open_clip: QuickGELU activations in a plain ViT-B-16
+        model = create_model(arch, pretrained=None, force_quick_gelu=True)
+        assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"

@@ -106,6 +106,21 @@ def kill_after(proc: subprocess.Popen, marker: Path, extra_delay: float = 0.0, t
     assert proc.returncode == -signal.SIGKILL
 
 
+def _kill_all(runs: list[tuple[subprocess.Popen, Path, float]], timeout: float = 240) -> None:
+    """:func:`kill_after` for several runs at once: each is killed as soon as its own marker appears."""
+    deadline = time.monotonic() + timeout
+    pending = list(runs)
+    while pending:
+        ready = [r for r in pending if r[1].exists()]
+        for run in ready:
+            kill_after(*run)
+            pending.remove(run)
+        for proc, marker, _ in pending:
+            assert proc.poll() is None, f"run ended before writing {marker.name}: {proc.communicate()[0]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
 def check_sigkill_resume(
     tmp_path: Path,
     setup: str,
@@ -129,8 +144,7 @@ def check_sigkill_resume(
             delay,
             start_run(out, setup, "--workers", str(workers), "--step-delay", str(step_delay)),
         )
-    for out, step, delay, proc in killed.values():
-        kill_after(proc, out / checkpoint_name(step), extra_delay=delay)
+    _kill_all([(proc, out / checkpoint_name(step), delay) for out, step, delay, proc in killed.values()])
     resumed = {w: start_run(out, setup, "--workers", str(w), "--resume") for w, (out, *_) in killed.items()}
     finish_run(reference)
     ref_model, ref_state = tensors(tmp_path / "ref"), tensors(tmp_path / "ref", "trainer_state.safetensors")

@@ -28,7 +28,9 @@ def main() -> None:
     torch.set_num_threads(1)
     recipe, model, dataset = load_setup(args.setup)(batch_size=None, workers=args.workers)
     if args.step_delay:
-        dataset = SlowDataset(dataset, args.step_delay / max(1, recipe.batch_size * recipe.grad_accum))
+        # per sample, so a step takes ``step_delay`` however many workers load its samples in parallel
+        per_step = max(1, recipe.batch_size * recipe.grad_accum)
+        dataset = SlowDataset(dataset, args.step_delay * max(1, args.workers) / per_step)
     result = train(recipe, model, dataset, args.out, resume=args.resume, progress=False)
     print(f"done step={result.step} resumed_from={result.resumed_from}", flush=True)
 

@@ -374,7 +374,13 @@ def load_clip(
             )
             try:
                 with hub_access():
-                    clip = open_clip.create_model(arch, pretrained=pretrained, device=device, cache_dir=cache_dir)
+                    clip = open_clip.create_model(
+                        arch,
+                        pretrained=pretrained,
+                        device=device,
+                        cache_dir=cache_dir,
+                        force_quick_gelu=tag_needs_quick_gelu(arch, pretrained),
+                    )
             except RuntimeError as exc:
                 raise weights_unavailable(
                     f"{arch} (pretrained={pretrained!r})", cache_dir, exc, _LOCAL_CLIP_HINT
@@ -383,6 +389,18 @@ def load_clip(
     clip.eval()
     mean, std = clip_normalization(clip)
     return LoadedCLIP(clip, _get_tokenizer(model, cache_dir), mean, std, name)
+
+
+def tag_needs_quick_gelu(arch: str, pretrained: str) -> bool:
+    """Whether weights ``pretrained`` were trained with QuickGELU but ``arch``'s config uses GELU.
+
+    OpenAI's CLIPs use QuickGELU, and every method's official code runs them so; open_clip's plain
+    ``ViT-B-16`` config uses GELU and only warns when given the ``openai`` tag, which silently changes
+    every activation. Loading such a tag forces QuickGELU, as ``ViT-B-16-quickgelu`` would.
+    """
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
+    arch_cfg = open_clip.get_model_config(arch) or {}
+    return bool(tag_cfg.get("quick_gelu")) and not arch_cfg.get("quick_gelu", False)
 
 
 def _get_tokenizer(model: str, cache_dir: str | None) -> Any:
