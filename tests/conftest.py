@@ -58,6 +58,28 @@ def make_tiny_clip(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+_TINY_CATSEG = dict(
+    feature_grid=4,
+    window=2,
+    hidden_dim=16,
+    heads=2,
+    appearance_guidance_dim=8,
+    text_guidance_dim=8,
+    pad_len=8,
+    decoder_dims=(16, 16),
+    decoder_guidance_dims=(16, 8),
+    decoder_guidance_proj_dims=(8, 4),
+)
+#: ``create_method`` options that make each trained method small enough for the tiny CLIP
+TINY_TRAINED_OPTIONS: dict[str, dict] = {
+    "beyond_labels": dict(width=32, depth=1, heads=2, decoder_stages=2, fourier_frequencies=8),
+    "catseg": _TINY_CATSEG,
+    "fgaseg": _TINY_CATSEG,  # CAT-Seg's sizes: FGAseg is CAT-Seg plus modules
+    "pixelclip": dict(resolution=64, num_clusters=4),
+    "vilseg": dict(trainable_blocks=2, clusters=5, head_dim=64, head_hidden=64, head_bottleneck=16),
+}
+
+
 def make_tiny_vfm(seed: int = 0, patch: int = 8) -> torch.nn.Module:
     """A 2-block timm DINO-architecture ViT (random weights) wrapped as a vocabseg VFM."""
     import timm

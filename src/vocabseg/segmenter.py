@@ -23,8 +23,15 @@ from .backends import check_backend, wrap_method
 from .errors import CheckpointError, MethodOptionError, SegmentationFailedError, SettingsError, VocabsegError
 from .inference.config import InferenceConfig
 from .inference.pamr import PAMR
-from .inference.postprocess import class_probabilities, decide_labels, stream_labels
-from .inference.sliding import rescaled_size, resize_image, sliding_window_logits, window_boxes, window_logits_each
+from .inference.postprocess import GIVEN, class_probabilities, decide_labels, stream_labels, window_scores
+from .inference.sliding import (
+    rescaled_size,
+    resize_image,
+    resized_input,
+    sliding_window_logits,
+    window_boxes,
+    window_logits_each,
+)
 from .io.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_name
 from .methods import create_method, get_method_spec, list_methods
 from .methods.base import SegmentationMethod
@@ -226,7 +233,7 @@ class Segmenter:
         self.template_name = (
             (templates or self.spec.templates) if not isinstance(templates, (list, tuple)) else "custom"
         )
-        trained = None if built is not None else self._read_weights(weights)  # a built module has its weights
+        trained = None if built is not None else self._read_weights(weights, model)  # a built module has its weights
         self.weights_source = trained.source if trained is not None else None
 
         kwargs = {**(trained.options if trained is not None else {}), **(method_kwargs or {})}
@@ -283,7 +290,7 @@ class Segmenter:
         if self.refiner is not None:
             self._load_refine_vfm(refine_vfm or DEFAULT_REFINE_VFM, refine_vfm_pretrained)
 
-    def _read_weights(self, weights: str | os.PathLike | None):
+    def _read_weights(self, weights: str | os.PathLike | None, model: str | nn.Module = DEFAULT):
         spec = self.spec
         if not spec.trainable:
             if weights not in (REQUIRED, None):
@@ -302,7 +309,9 @@ class Segmenter:
                 stacklevel=3,
             )
             return None
-        trained = read_trained_weights(weights)
+        # a released checkpoint (.pth) is converted for this method; ``model`` names its CLIP if the converter cannot
+        base = model if isinstance(model, str) and model != DEFAULT else None
+        trained = read_trained_weights(weights, method=spec.name, base_model=base)
         if trained.method != spec.name:
             raise CheckpointError(
                 f"The weights at {weights} are for method {trained.method!r}, not {spec.name!r}; "
@@ -492,25 +501,53 @@ class Segmenter:
         then PAMR if on) and scored. With ``return_probs=False`` that happens a few names
         at a time (:func:`~vocabseg.inference.postprocess.stream_labels`; upsampling and PAMR act on
         each name's map alone, so the labels are the same), and ``result.probs`` is ``None``.
+
+        CAT-Seg's protocol (``square_size``, ``global_weight``, ``average="scores"``): the windows run on
+        the resized image squashed to a square, one global view of the resized image joins them, and
+        each window is scored before the averaging; the averaged probabilities are then brought to the
+        input's size as they are.
         """
         config = config.for_device(self.device)
+        if self.refiner is not None and (config.global_weight > 0 or config.average != "logits"):
+            raise SettingsError(
+                "A refinement (refine=) propagates each window's logits: it takes neither global_weight > 0 "
+                "(--global-weight) nor average='scores' (--average scores)."
+            )
         if text is None:
             vocab, text = self._encoded(vocab, config)
-        inputs = [self._normalize(a) for a in arrays]
         resized = [
-            resize_image(x, rescaled_size(*x.shape[-2:], config.short_side, config.max_long_side)) for x in inputs
-        ]
+            resized_input(
+                a, rescaled_size(*a.shape[:2], config.short_side, config.max_long_side), config.resize_filter,
+                self._normalize,
+            )
+            for a in arrays
+        ]  # fmt: skip
+        square = (config.square_size, config.square_size)
+        windowed = [resize_image(x, square) for x in resized] if config.square_size else resized
         method, dtype, surgery, pad = self.runner, self.dtype, self.surgery, config.pad_multiple
 
         def window_logits(windows: torch.Tensor) -> torch.Tensor:
             return method.logits(windows.to(dtype), text, pad_multiple=pad, surgery=surgery)
 
+        def window_probabilities(windows: torch.Tensor) -> torch.Tensor:
+            return window_scores(window_logits(windows).float(), config.logit_scale, config.score)
+
         if self.refiner is not None:
-            logits = self._refined_logits(resized, window_logits, config, progress)
+            logits = self._refined_logits(windowed, window_logits, config, progress)
         else:
             logits = sliding_window_logits(
-                resized, window_logits, config.crop, config.stride, config.batch_size, progress, self._min_window()
+                windowed,
+                window_probabilities if config.average == "scores" else window_logits,
+                config.crop,
+                config.stride,
+                config.batch_size,
+                progress,
+                self._min_window(),
+                global_views=resized,
+                global_weight=config.global_weight,
             )
+        # averaged scores are probabilities already: brought to the input's size and taken as they are
+        logit_scale, score = (1.0, GIVEN) if config.average == "scores" else (config.logit_scale, config.score)
         pamr = PAMR(config.pamr_steps, config.pamr_dilations) if config.pamr_steps > 0 else None
         results = []
         for i, (array, small) in enumerate(zip(arrays, resized)):
@@ -519,9 +556,7 @@ class Segmenter:
             full_logits = functools.partial(_full_size_logits, logits[i], size, pamr, guide)
             probs = scores = None
             if return_probs:
-                probs = class_probabilities(
-                    full_logits(None), config.logit_scale, vocab.name_to_class, len(vocab), config.score
-                )
+                probs = class_probabilities(full_logits(None), logit_scale, vocab.name_to_class, len(vocab), score)
                 labels = decide_labels(probs, vocab.background_index, config.prob_threshold, config.area_threshold)
                 probs = probs.cpu().numpy().astype(np.float32, copy=False)
             else:
@@ -529,8 +564,8 @@ class Segmenter:
                     full_logits,
                     vocab.name_to_class,
                     len(vocab),
-                    config.logit_scale,
-                    config.score,
+                    logit_scale,
+                    score,
                     vocab.background_index,
                     config.prob_threshold,
                     config.area_threshold,
@@ -573,9 +608,16 @@ class Segmenter:
     # -- internals -------------------------------------------------------------------------------------
     def _encoded(self, vocab: Vocabulary, config: InferenceConfig) -> tuple[Vocabulary, torch.Tensor]:
         """The vocabulary as scored and its text embeddings (cached by the encoder, so encoding once up
-        front, where a bad name is refused before any image, costs nothing later)."""
-        if config.score == "sigmoid":  # independent per-class scores: the background is the threshold
+        front, where a bad name is refused before any image, costs nothing later).
+
+        Under sigmoid scores with a probability threshold the background is that threshold
+        (Beyond-Labels' argmax over [0.5, sigmoids]), so its names are not scored; without one its
+        names compete as any class's (CAT-Seg's PAS-20b). ``synonyms="first"`` keeps each class's
+        first name (:meth:`Vocabulary.first_names`)."""
+        if config.score == "sigmoid" and config.prob_threshold > 0:
             vocab = vocab.without_background_names()
+        if config.synonyms == "first":
+            vocab = vocab.first_names()
         return vocab, self.text_encoder.encode(vocab.prompt_names, per_template=self.spec.text_input == "per_template")
 
     def _refined_logits(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip, make_tiny_sam
+from conftest import TINY_TRAINED_OPTIONS, make_tiny_clip, make_tiny_sam
 
 from vocabseg.backends import (
     AutoMethod,
@@ -156,7 +156,7 @@ def test_a_missing_runtime_is_a_clear_error(dense_methods, monkeypatch, backend)
 
 #: options making each method small on the tiny CLIP
 SMALL = {
-    "beyond_labels": dict(width=32, depth=1, heads=2, decoder_stages=2, fourier_frequencies=8),
+    **TINY_TRAINED_OPTIONS,
     "corrclip": dict(vfm_pretrained=None, masks="fixed", mask_options={"masks": []}),  # random DINO, no masks
     "trident": dict(vfm_pretrained=None, sam=make_tiny_sam()),
 }

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from vocabseg.data import sa1b
-from vocabseg.data.sa1b import MAX_MASKS, SA1B_SHORT_SIDE, SA1BMasks, scaled_size
+from vocabseg.data.sa1b import MAX_MASKS, PIXELCLIP_TARS, SA1B_SHORT_SIDE, SA1BMasks, scaled_size
 from vocabseg.errors import DatasetLayoutError, VocabsegError
+from vocabseg.io import rle
 
 coco = pytest.importorskip("pycocotools.mask")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' numpy 2 notice
@@ -111,11 +112,34 @@ def test_subset_list_restricts_and_orders_images(folder, tmp_path):
     listing.write_text("# official 5 %\nsa_10.jpg\n\n2\nsa_999.jpg\n")
     data = SA1BMasks(root, subset=listing, max_short_side=None)
     assert [p.stem for p in data.images] == ["sa_10", "sa_2"]
-    assert data.notes == [f"1 of 3 images of subset list {listing} are absent"]
+    assert data.notes == [f"1 of 3 names of subset {listing} match no image or folder"]
     np.testing.assert_array_equal(data[1]["masks"].numpy(), originals["sa_2"])
     listing.write_text("sa_999\n")
-    with pytest.raises(DatasetLayoutError, match=r"no SA-1B sa_\*.jpg \+ sa_\*.json pairs listed in"):
+    with pytest.raises(DatasetLayoutError, match=r"no SA-1B sa_\*.jpg \+ sa_\*.json pairs in subset"):
         SA1BMasks(root, subset=listing)
+
+
+def test_subset_names_tar_folders_as_pixelclip_lists_them(tmp_path):
+    """PixelCLIP's list names tar files (``sa_000020``): every image of such a folder is selected, in
+    the official layout of separate images/ and annotations/ trees too."""
+    rng = np.random.default_rng(5)
+    for tar, stems in (("sa_000020", ["sa_7", "sa_3"]), ("sa_000021", ["sa_9"]), ("sa_000999", ["sa_1"])):
+        for stem in stems:
+            write_image(tmp_path / "images" / tar, stem, random_masks(rng, 2, 20, 30))
+            (tmp_path / "annotations" / tar).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "images" / tar / f"{stem}.json").rename(tmp_path / "annotations" / tar / f"{stem}.json")
+    listing = tmp_path / "list.txt"
+    listing.write_text("sa_000021\nsa_000020.tar\nsa_000022\n")
+    data = SA1BMasks(tmp_path, subset=listing)
+    assert [p.stem for p in data.images] == ["sa_9", "sa_3", "sa_7"]  # list order, numeric within a folder
+    assert [p.parent.parent.name for p in data.annotations] == ["annotations"] * 3
+    assert data.notes == [f"1 of 3 names of subset {listing} match no image or folder"]
+    official = SA1BMasks(tmp_path, subset="pixelclip")  # the 100 tar files of PixelCLIP's datasets/sa1b.txt
+    assert [p.stem for p in official.images] == ["sa_3", "sa_7", "sa_9"]
+    assert official.notes == ["98 of 100 names of subset pixelclip match no image or folder"]
+    assert len(PIXELCLIP_TARS) == 100 and PIXELCLIP_TARS[:2] == ("sa_000020", "sa_000021")
+    assert PIXELCLIP_TARS[-1] == "sa_000719" and "sa_000130" in PIXELCLIP_TARS and "sa_000030" not in PIXELCLIP_TARS
+    assert [p.stem for p in SA1BMasks(tmp_path, subset=["sa_1", "3"]).images] == ["sa_1", "sa_3"]
 
 
 def test_a_sample_reads_only_its_own_json(folder, monkeypatch):
@@ -166,3 +190,64 @@ def test_sample_errors(tmp_path):
         SA1BMasks(tmp_path / "c")[0]
     with pytest.raises(IndexError, match="out of range"):
         SA1BMasks(tmp_path / "c")[1]
+
+
+def test_nearest_index_is_pils_nearest_exactly():
+    """PIL's NEAREST (which detectron2 applies to masks) is floor((k + 0.5) in / out) except at ties,
+    where its double-precision running sum decides; nearest_index reproduces it."""
+    rng = np.random.default_rng(8)
+    pairs = [(2, 7), (2, 15), (750, 889), (1125, 1333), (1500, 750), (2250, 1125), (750, 1024)]
+    pairs += [tuple(int(v) for v in rng.integers(1, 400, 2)) for _ in range(300)]
+    for n_in, n_out in pairs:
+        column = np.arange(n_in, dtype=np.int32)[:, None]
+        pil = np.asarray(Image.fromarray(column, mode="I").resize((1, n_out), Image.NEAREST))[:, 0]
+        np.testing.assert_array_equal(sa1b.nearest_index(n_out, n_in, n_out), pil, err_msg=f"{n_in} -> {n_out}")
+        np.testing.assert_array_equal(sa1b.nearest_index(np.arange(n_out)[::-1], n_in, n_out), pil[::-1])
+    floor_rule = ((np.arange(7) + 0.5) * 2 / 7).astype(int)
+    assert floor_rule[3] == 1 and sa1b.nearest_index(7, 2, 7)[3] == 0  # (3 + 0.5) * 2/7 sums to just below 1
+
+
+def test_prepare_halves_images_and_masks_and_resumes(tmp_path):
+    from vocabseg.data.sa1b_prepare import main, prepare_sa1b
+
+    rng = np.random.default_rng(9)
+    originals = {"sa_4": random_masks(rng, 5, 40, 60), "sa_12": random_masks(rng, 3, 60, 44)}
+    for stem, masks in originals.items():
+        write_image(tmp_path / "src" / "sa_000020", stem, masks)
+        h, w = masks.shape[1:]
+        smooth = np.stack(np.broadcast_arrays(*np.ogrid[:h, :w], 128), -1) * [3, 2, 1] % 256  # JPEG-friendly
+        Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "src" / "sa_000020" / f"{stem}.jpg", quality=95)
+    record = json.loads((tmp_path / "src" / "sa_000020" / "sa_4.json").read_text())
+    record["annotations"][0].update(point_coords=[[10.0, 20.0]], crop_box=[0.0, 0.0, 60.0, 40.0])
+    (tmp_path / "src" / "sa_000020" / "sa_4.json").write_text(json.dumps(record))
+
+    assert prepare_sa1b(tmp_path / "src", tmp_path / "out", short_side=20) == 2
+    prepared = SA1BMasks(tmp_path / "out", max_short_side=None)
+    on_the_fly = SA1BMasks(tmp_path / "src", max_short_side=20)
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in prepared.images] == [
+        "sa_000020/sa_4.jpg", "sa_000020/sa_12.jpg"
+    ]  # fmt: skip
+    for i, (h, w) in enumerate([(20, 30), (27, 20)]):
+        assert prepared[i]["image"].shape == on_the_fly[i]["image"].shape == (3, h, w)
+        np.testing.assert_array_equal(prepared[i]["masks"].numpy(), on_the_fly[i]["masks"].numpy())
+        assert np.abs(prepared[i]["image"].int() - on_the_fly[i]["image"].int()).float().mean() < 3  # JPEG again
+    out = json.loads((tmp_path / "out" / "sa_000020" / "sa_4.json").read_text())
+    assert out["image"]["height"] == 20 and out["image"]["width"] == 30
+    for annotation, mask in zip(out["annotations"], originals["sa_4"]):
+        half = sa1b.resize_mask(mask, (20, 30))
+        np.testing.assert_array_equal(rle.decode(annotation["segmentation"]), half)
+        assert annotation["area"] == int(half.sum())
+        ys, xs = np.nonzero(half)
+        box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1] if len(ys) else [0, 0, 0, 0]
+        assert annotation["bbox"] == box
+    assert out["annotations"][0]["area"] == 0 and out["annotations"][4]["area"] > 10  # a mask may vanish
+    assert out["annotations"][0]["point_coords"] == [[5.0, 10.0]]  # scaled with the image
+    assert out["annotations"][0]["crop_box"] == [0, 0, 30, 20]
+
+    assert prepare_sa1b(tmp_path / "src", tmp_path / "out", short_side=20) == 0  # done pairs are skipped
+    (tmp_path / "out" / "sa_000020" / "sa_12.json").unlink()  # interrupted before its json was written
+    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--short-side", "20", "--workers", "2"]) == 0
+    assert len(SA1BMasks(tmp_path / "out")) == 2
+    with pytest.raises(DatasetLayoutError, match="inside the source folder"):
+        prepare_sa1b(tmp_path / "src", tmp_path / "src" / "half")
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2

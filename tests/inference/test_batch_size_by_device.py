@@ -36,9 +36,9 @@ def batch_sizes(monkeypatch) -> list[int]:
     seen = []
     real = vocabseg.segmenter.sliding_window_logits
 
-    def spy(images, window_logits, crop, stride, batch_size, *args):
+    def spy(images, window_logits, crop, stride, batch_size, *args, **kwargs):
         seen.append(batch_size)
-        return real(images, window_logits, crop, stride, batch_size, *args)
+        return real(images, window_logits, crop, stride, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(vocabseg.segmenter, "sliding_window_logits", spy)
     return seen

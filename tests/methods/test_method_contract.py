@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip, make_tiny_sam
+from conftest import TINY_TRAINED_OPTIONS, make_tiny_clip, make_tiny_sam
 from torch import nn
 
 import vocabseg.segmenter as segmenter_module
@@ -41,7 +41,7 @@ from vocabseg.text.templates import resolve_templates
 #: fixture: ``request.getfixturevalue("tiny_vfm")``). Methods whose spec uses a VFM get ``vfm=tiny_vfm``
 #: without an entry; an entry's keywords are applied on top.
 EXTRA_KWARGS: dict[str, Callable[[pytest.FixtureRequest], dict[str, Any]]] = {
-    "beyond_labels": lambda request: dict(width=32, depth=1, heads=2, decoder_stages=2, fourier_frequencies=8),
+    **{name: (lambda request, name=name: dict(TINY_TRAINED_OPTIONS[name])) for name in TINY_TRAINED_OPTIONS},
     "corrclip": lambda request: dict(masks=lambda image: [np.indices(image.shape[:2])[1] < image.shape[1] // 2]),
     "trident": lambda request: dict(sam=make_tiny_sam(), slide_crop=32, slide_stride=16),
 }
@@ -143,11 +143,13 @@ def check_deterministic(method: nn.Module, text: torch.Tensor, pad: int) -> None
 
 
 def check_crop_covers_image(seg: Segmenter, image: np.ndarray) -> None:
-    """A window at least as large as the (resized) image is one window over the whole image: crop=0."""
-    whole = seg.segment(image, CLASSES, crop=0).probs
+    """A window at least as large as the (resized) image is one window over the whole image: crop=0.
+    (Without CAT-Seg's square resize and global view, which make crop=0 another protocol.)"""
+    plain = dict(square_size=0, global_weight=0.0)
+    whole = seg.segment(image, CLASSES, crop=0, **plain).probs
     long_side = max(rescaled_size(*image.shape[:2], seg.config.short_side, seg.config.max_long_side))
     for crop in (long_side, 2 * long_side):
-        got = seg.segment(image, CLASSES, crop=crop, stride=crop).probs
+        got = seg.segment(image, CLASSES, crop=crop, stride=crop, **plain).probs
         np.testing.assert_array_equal(got, whole, err_msg=f"crop={crop} >= image side {long_side} vs crop=0")
 
 
@@ -324,8 +326,8 @@ def test_crop_check_catches_a_pipeline_that_slides_over_a_covering_crop(sclip, t
     check_crop_covers_image(seg, rgb_image)
     slide = segmenter_module.sliding_window_logits
 
-    def halved(images, fn, crop, stride, *args):  # still slides when the crop covers the image
-        return slide(images, fn, crop // 2, max(crop // 4, 1) if crop else stride, *args)
+    def halved(images, fn, crop, stride, *args, **kwargs):  # still slides when the crop covers the image
+        return slide(images, fn, crop // 2, max(crop // 4, 1) if crop else stride, *args, **kwargs)
 
     monkeypatch.setattr(segmenter_module, "sliding_window_logits", halved)
     with pytest.raises(AssertionError, match="crop=90"):

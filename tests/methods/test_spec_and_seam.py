@@ -61,7 +61,7 @@ def test_spec_facts():
     assert bl.defaults.logit_scale == pytest.approx(1 / 0.08)
     assert bl.paper.settings["voc21"] == {"prob_threshold": 0.5}
     assert "vocabseg train" in bl.weights
-    assert list_methods(trainable=True) == ["beyond_labels"]
+    assert list_methods(trainable=True) == ["beyond_labels", "catseg", "fgaseg", "pixelclip", "vilseg"]
     assert "beyond_labels" not in list_methods(trainable=False)
     assert list_methods() == list_methods(trainable=False) + list_methods(trainable=True)  # training-free first
 

@@ -191,8 +191,13 @@ def check_ddp_equals_single(
 
     ddp_out = tmp_path / "ddp"
     mp.spawn(_ddp_worker, args=(2, free_port(), str(ddp_out), setup, batch_size), nprocs=2, join=True)
-    recipe, model, dataset = load_setup(setup)(batch_size=2 * batch_size, workers=0)
-    result = train(recipe, model, dataset, tmp_path / "one", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the DDP workers: another thread count changes float reductions
+    try:
+        recipe, model, dataset = load_setup(setup)(batch_size=2 * batch_size, workers=0)
+        result = train(recipe, model, dataset, tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     for rank in (0, 1):
         info = json.loads((ddp_out / f"rank{rank}.json").read_text())
         assert info == {"world_size": 2, "effective_batch": result.effective_batch}

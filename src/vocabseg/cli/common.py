@@ -11,7 +11,7 @@ from typing import Any
 
 from ..backends import PRECISIONS, list_backends
 from ..errors import SettingsError
-from ..inference.config import SCORES, InferenceConfig, option_flag
+from ..inference.config import InferenceConfig, option_flag
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..methods import list_methods
 from ..refine import REFINERS
@@ -114,8 +114,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         text = f"{f.metadata['help']}; allowed: {f.metadata['allowed']}".replace("%", "%%")
         if f.name == "pamr_dilations":
             s.add_argument(option_flag(f.name), type=int, nargs="+", default=None, help=text)
-        elif f.name == "score":
-            s.add_argument(option_flag(f.name), choices=SCORES, default=None, help=text)
+        elif "choices" in f.metadata:
+            s.add_argument(option_flag(f.name), choices=f.metadata["choices"], default=None, help=text)
         else:
             s.add_argument(option_flag(f.name), type=type(f.default), default=None, help=text)
 

@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 BENCHMARK_GROUPS = {
     "all": "the 8 standard training-free benchmarks",
     "pascal5i": "the 4 PASCAL-5i folds",
+    "catseg": "the 6 benchmarks of CAT-Seg's table: A-847, PC-459, A-150, PC-59, PAS-20, PAS-20b",
 }
 # command-line flag -> dataset-builder keyword
 DATASET_OPTIONS = {
     "classes_file": "--classes-file",
+    "classes_subset": "--classes-subset",
     "ignore_index": "--ignore-index",
     "reduce_zero_label": "--reduce-zero-label",
     "background_index": "--background-index",
@@ -61,10 +63,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Trained per PASCAL-5i fold: -b pascal5i --method beyond_labels --weights 'runs/bl-f{fold}/checkpoint-best'. "
         "Run `vocabseg eval --list` for the benchmarks and the layouts they expect.",
     )
-    p.add_argument("--benchmark", "-b", help="a benchmark, a comma-separated list, 'all' or 'pascal5i'")
+    p.add_argument("--benchmark", "-b", help="a benchmark, a comma-separated list, 'all', 'pascal5i' or 'catseg'")
     p.add_argument("--data-root", type=Path, help="the dataset folder, or a folder holding the standard ones")
     p.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="settings per benchmark")
-    p.add_argument("--convention", default="mmseg", choices=list(CONVENTIONS), help="headline metric convention")
+    p.add_argument(
+        "--convention",
+        default=None,
+        choices=list(CONVENTIONS),
+        help="headline metric convention (default: the protocol's: with --protocol paper, the one the method "
+        "published with, detectron2 for CAT-Seg / FGAseg; else mmseg)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each split")
     p.add_argument("--out", "-o", type=Path, default=Path("results"), help="output folder (default: results/)")
     p.add_argument("--save-predictions", action="store_true", help="write each prediction as a palette PNG")
@@ -80,6 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     d = p.add_argument_group("dataset options")
     d.add_argument("--classes-file", type=Path, default=None, help="class names, one class per line in label order")
+    d.add_argument("--classes-subset", default=None, metavar="NAME",
+                   help="score only a named subset of the classes, all still predicted (vilseg-unseen: the "
+                   "zero-shot unseen classes of voc20, context59, coco_stuff)")  # fmt: skip
     d.add_argument("--ignore-index", type=int, default=None, help="folder: label value not scored (default 255)")
     d.add_argument("--reduce-zero-label", action="store_true", default=None, help="folder: label 0 is ignored")
     d.add_argument("--background-index", type=int, default=None, help="folder: the background class")
@@ -93,8 +104,13 @@ def expand_benchmarks(text: str) -> list[str]:
     """``all`` / ``pascal5i`` / ``voc21,ade150`` -> benchmark names (checked)."""
     from ..data import STANDARD_BENCHMARKS, get_dataset_spec
     from ..data.pascal5i import NUM_FOLDS
+    from ..data.registry import CATSEG_BENCHMARKS
 
-    groups = {"all": list(STANDARD_BENCHMARKS), "pascal5i": [f"pascal5i-{i}" for i in range(NUM_FOLDS)]}
+    groups = {
+        "all": list(STANDARD_BENCHMARKS),
+        "pascal5i": [f"pascal5i-{i}" for i in range(NUM_FOLDS)],
+        "catseg": list(CATSEG_BENCHMARKS),
+    }
     names: list[str] = []
     for part in (x.strip() for x in text.split(",") if x.strip()):
         for name in groups.get(part, [part]):

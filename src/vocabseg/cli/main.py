@@ -22,8 +22,9 @@ SUBCOMMANDS = {
     "methods": ("vocabseg.cli.methods", "list methods and their default settings"),
     "eval": ("vocabseg.cli.eval", "evaluate a method on segmentation benchmarks (mIoU)"),
     "serve": ("vocabseg.cli.serve", "start the web page and the REST API"),
-    "train": ("vocabseg.cli.train", "train a method from a recipe (single process or torchrun DDP)"),
+    "train": ("vocabseg.cli.train", "train a method from a recipe (one process or torchrun DDP)"),
     "recipes": ("vocabseg.cli.recipes", "list training recipes and their key settings"),
+    "convert-weights": ("vocabseg.cli.convert_weights", "convert an official release (CAT-Seg .pth) to a checkpoint"),
     "export": (
         "vocabseg.cli.export",
         "export a method's image side as an ONNX model",

@@ -6,7 +6,9 @@ per line in label order, synonyms on one line (separated by ``;``). Each fact is
 * ``voc.txt`` (20 VOC classes) serves VOC21, VOC20 and PASCAL-5i;
 * ``coco_stuff.txt`` (171 classes, the first 80 being the COCO things) serves COCO-Stuff and COCO-Object;
 * ``background_stuff.txt`` is the one-line, 26-name background class of SCLIP's VOC21 / COCO-Object
-  files; PASCAL-Context-60's background is the literal word ``background``.
+  files; PASCAL-Context-60's background is the literal word ``background``;
+* PAS-20b's background (CAT-Seg's ``voc20b.json``) is the 39 PASCAL-Context-59 classes that are not
+  VOC classes, derived from ``context59.txt`` and ``voc.txt``.
 
 A background name that is also a class name of the dataset is dropped (the class keeps it): SCLIP's
 COCO-Object file lists ``bed`` both as background and as a class, which makes ``bed`` unreachable.
@@ -37,11 +39,15 @@ class ClassSource:
     Attributes:
         file: a packaged class file name, or ``None`` when the user must supply the list.
         take: use only the first ``take`` classes of the file (COCO-Object: the 80 things).
-        background: ``"stuff"`` (the 26 SCLIP names), ``"literal"`` (the word ``background``) or
-            ``None``; when set, the background class is label 0 and the file's classes follow.
+        background: ``"stuff"`` (the 26 SCLIP names), ``"literal"`` (the word ``background``),
+            ``"context"`` (PAS-20b's 39 PASCAL-Context names) or ``None``; when set, the background
+            class is label 0 and the file's classes follow.
         num_classes: the number of classes (a user-supplied list must have exactly this many);
             ``None`` for user datasets, whose class file defines it.
         background_index: for user datasets, the class that thresholded pixels go to.
+        shared_names: classes may share a name (a benchmark's list is reproduced as published:
+            ADE20K-847 repeats WordNet synonyms across classes, see
+            :class:`~vocabseg.text.vocabulary.Vocabulary`); a user's own dataset keeps refusing them.
     """
 
     file: str | None
@@ -49,6 +55,7 @@ class ClassSource:
     take: int | None = None
     background: str | None = None
     background_index: int | None = None
+    shared_names: bool = True
 
     @property
     def background_label(self) -> int | None:
@@ -79,7 +86,7 @@ class ClassSource:
     def vocabulary(self, user_file: str | os.PathLike | None = None, *, benchmark: str = "") -> Vocabulary:
         """The Segmenter vocabulary whose class index equals the dataset label index."""
         names = self.names(user_file, benchmark=benchmark)
-        return Vocabulary.from_list(names, background_index=self.background_label)
+        return Vocabulary.from_list(names, background_index=self.background_label, shared_names=self.shared_names)
 
 
 def _stuff_background(classes: ClassNames) -> list[str]:
@@ -87,7 +94,14 @@ def _stuff_background(classes: ClassNames) -> list[str]:
     return [n for n in packaged_class_file("background_stuff")[0] if n.lower() not in taken]
 
 
+def _context_background(classes: ClassNames) -> list[str]:
+    """PAS-20b (CAT-Seg): the PASCAL-Context-59 classes that are none of ``classes`` (the VOC ones)."""
+    taken = {n.lower() for names in classes for n in names}
+    return [n for names in packaged_class_file("context59") for n in names if n.lower() not in taken]
+
+
 _BACKGROUNDS = {
     "stuff": _stuff_background,
     "literal": lambda classes: ["background"],
+    "context": _context_background,
 }

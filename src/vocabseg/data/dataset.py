@@ -62,6 +62,8 @@ class SegDataset:
         settings_key: whose published protocol settings apply (the benchmark's own name by default).
         kind: ``semantic`` (one confusion matrix) or ``episodes`` (PASCAL-5i, binary per class).
         notes: facts a report should state (a non-standard image count, derived episode lists...).
+        scored_classes: score the headline metrics on these class indices only (every class is still
+            predicted; see :mod:`vocabseg.data.subsets`); ``None``: all classes.
     """
 
     name: str
@@ -75,6 +77,7 @@ class SegDataset:
     kind: str = "semantic"
     description: str = ""
     notes: list[str] = field(default_factory=list)
+    scored_classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.settings_key = self.settings_key or self.name
@@ -125,6 +128,7 @@ class SegDataset:
             "ignore_index": self.ignore_index,
             "label_handling": LABEL_RULES[self.label_rule].text,
             "notes": list(self.notes),
+            **({"scored_classes": list(self.scored_classes)} if self.scored_classes is not None else {}),
         }
 
     def identity(self) -> dict[str, Any]:
@@ -136,6 +140,7 @@ class SegDataset:
             "label_rule": self.label_rule,
             "classes": [list(c.names) for c in self.vocabulary.classes],
             "background_index": self.vocabulary.background_index,
+            **({"scored_classes": list(self.scored_classes)} if self.scored_classes is not None else {}),
         }
 
 

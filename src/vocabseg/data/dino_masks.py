@@ -148,6 +148,25 @@ def masks_from_map(labels: np.ndarray) -> np.ndarray:
     return labels[None] == present[:, None, None]
 
 
+class LabelMasks:
+    """The masks of a partition (one per label present), sampled on demand like
+    :class:`~vocabseg.data.sa1b.RLEMasks`: what :class:`DinoMasks` gives the training data."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = labels
+        self.shape = tuple(labels.shape)
+        self.present = np.unique(labels)
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    def sample(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """bool (N, len(rows), len(cols)): each label's mask at the grid ``rows`` x ``cols`` (N: the
+        labels present in the whole map, by increasing value; a label the grid misses gives an empty mask)."""
+        grid = self.labels[np.asarray(rows)[:, None], np.asarray(cols)[None, :]]
+        return grid[None] == self.present[:, None, None]
+
+
 def _list_images(root: Path) -> list[Path]:
     return sorted(
         p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
@@ -257,15 +276,21 @@ class DinoMasks(Dataset):
         image = read_rgb(self.images[index])
         return resize_image(image, scaled_size(image.shape[0], image.shape[1], self.max_short_side))
 
+    def load(self, index: int) -> tuple[np.ndarray, LabelMasks]:
+        """(image, its masks): what :class:`~vocabseg.data.mask_train.MaskTrainDataset` reads."""
+        image = self._image(index)
+        labels = self.labels(index, image)
+        if labels.shape != image.shape[:2]:  # an entry of another size under the same key: never expected
+            raise DatasetLayoutError(f"{self.images[index]}: cached masks are {labels.shape}, image {image.shape[:2]}")
+        return image, LabelMasks(labels)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self)} images")
         index %= len(self)
-        image = self._image(index)
-        labels = self.labels(index, image)
-        if labels.shape != image.shape[:2]:  # an entry of another size under the same key: never expected
-            raise DatasetLayoutError(f"{self.images[index]}: cached masks are {labels.shape}, image {image.shape[:2]}")
+        image, masks = self.load(index)
+        labels = masks.labels
         return {
             "image": torch.from_numpy(np.array(image)).permute(2, 0, 1),
             "masks": torch.from_numpy(masks_from_map(labels)),

@@ -47,6 +47,8 @@ class Layout:
     split: the name of the split this layout reads (the benchmark's evaluation split).
     splits: (name, id list) of the other splits a benchmark ships as lists, e.g. VOC's
         ``("train", "ImageSets/Segmentation/train.txt")``; see :meth:`for_split`.
+    split_folders: (name, images, labels) of the other splits a benchmark keeps in folders of their
+        own, e.g. COCO-Stuff's ``("train", "images/train2017", "annotations/train2017")``.
     """
 
     title: str
@@ -60,19 +62,24 @@ class Layout:
     recursive: bool = False
     split: str = "val"
     splits: tuple[tuple[str, str], ...] = ()
+    split_folders: tuple[tuple[str, str, str], ...] = ()
 
     def for_split(self, split: str, name: str = "") -> Layout:
-        """The same layout reading ``split``'s id list (itself for its own split), so training code
-        opens the train images of a benchmark with the same checks and messages as evaluation."""
+        """The same layout reading ``split``'s id list or folders (itself for its own split), so training
+        code opens the train images of a benchmark with the same checks and messages as evaluation."""
         if split == self.split:
             return self
         lists = dict(self.splits)
-        if split not in lists:
-            known = ", ".join([self.split, *lists])
-            raise DatasetLayoutError(
-                f"{name or self.title}: no {split!r} split is known for {self.title} (known: {known})."
-            )
-        return replace(self, split_file=lists[split], list_from="split", split=split)
+        folders = {s: (images, labels) for s, images, labels in self.split_folders}
+        if split in lists:
+            return replace(self, split_file=lists[split], list_from="split", split=split)
+        if split in folders:
+            images, labels = folders[split]
+            return replace(self, images=images, labels=labels, split=split)
+        known = ", ".join([self.split, *lists, *folders])
+        raise DatasetLayoutError(
+            f"{name or self.title}: no {split!r} split is known for {self.title} (known: {known})."
+        )
 
     def required(self) -> list[tuple[str, str]]:
         """(relative path, role) of what a dataset root must contain."""

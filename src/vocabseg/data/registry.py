@@ -2,7 +2,8 @@
 in one entry, and :func:`build_dataset` to open one by name.
 
 Facts: the mmseg dataset configs of the SCLIP lineage (Wang et al., ECCV 2024), CAT-Seg's prepared
-PC-459 / A-847 (Cho et al., CVPR 2024) and the HSNet PASCAL-5i lists (Min et al., ICCV 2021).
+PC-459 / A-847 and its PAS-20b vocabulary (Cho et al., CVPR 2024) and the HSNet PASCAL-5i lists (Min et
+al., ICCV 2021).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from .._names import lookup
 from .classes import ClassSource
 from .dataset import SegDataset, count_note
 from .layouts import Layout
+from .subsets import apply_class_subset
 
 #: The 8 training-free benchmarks, in the order of the papers' tables.
 STANDARD_BENCHMARKS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade150")
+#: The benchmarks of CAT-Seg's table (and of the trained open-vocabulary methods after it), in its
+#: order: A-847, PC-459, A-150, PC-59, PAS-20, PAS-20b.
+CATSEG_BENCHMARKS = ("ade847", "context459", "ade150", "context59", "voc20", "voc20b")
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,12 @@ class DatasetSpec:
 
 
 def _build_semantic(
-    spec: DatasetSpec, data_root: str | os.PathLike, classes_file: str | os.PathLike | None = None
+    spec: DatasetSpec,
+    data_root: str | os.PathLike,
+    classes_file: str | os.PathLike | None = None,
+    classes_subset: str | None = None,
 ) -> SegDataset:
+    """A semantic benchmark; ``classes_subset`` scores it on a named class subset (:mod:`.subsets`)."""
     root = spec.layout.find_root(data_root, spec.name)
     if classes_file is None and spec.classes_in_root and (root / spec.classes_in_root).is_file():
         classes_file = root / spec.classes_in_root
@@ -61,7 +70,7 @@ def _build_semantic(
     notes = count_note(len(samples), spec.num_images, f"{spec.name} split")
     if classes_file is not None:
         notes.append(f"class names from {classes_file}")
-    return SegDataset(
+    dataset = SegDataset(
         name=spec.name,
         root=root,
         samples=samples,
@@ -73,6 +82,7 @@ def _build_semantic(
         description=spec.description,
         notes=notes,
     )
+    return dataset if classes_subset is None else apply_class_subset(dataset, classes_subset)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -133,8 +143,8 @@ COCO_OBJECT = Layout(
     (".jpg",), "_instanceTrainIds.png",
 )  # fmt: skip
 COCO_STUFF = Layout(
-    "COCO-Stuff164k (val2017 + *_labelTrainIds.png)", _COCO_DIRS, "images/val2017", "annotations/val2017", (".jpg",),
-    "_labelTrainIds.png",
+    "COCO-Stuff164k (<split>2017 + *_labelTrainIds.png)", _COCO_DIRS, "images/val2017", "annotations/val2017",
+    (".jpg",), "_labelTrainIds.png", split_folders=(("train", "images/train2017", "annotations/train2017"),),
 )  # fmt: skip
 CITYSCAPES = Layout(
     "Cityscapes (leftImg8bit + gtFine labelTrainIds)", ("cityscapes",), "leftImg8bit/val", "gtFine/val",
@@ -186,8 +196,12 @@ register_dataset(DatasetSpec(
     num_images=2000,
 ))  # fmt: skip
 register_dataset(DatasetSpec(
-    "ade847", "ADE20K-full val, 847 classes (CAT-Seg preparation)", ADE847, ClassSource(None, 847),
+    "ade847", "ADE20K-full val, 847 classes (CAT-Seg preparation)", ADE847, ClassSource("ade847", 847),
     ignore_index=65535, num_images=2000,
+))  # fmt: skip
+register_dataset(DatasetSpec(
+    "voc20b", "PASCAL VOC 2012 val, 20 classes + background named by the 39 other PASCAL-Context classes "
+    "(CAT-Seg's PAS-20b)", VOC, ClassSource("voc", 21, background="context"), palette="voc", num_images=1449,
 ))  # fmt: skip
 
 # -- a user's own data --------------------------------------------------------------------------------
@@ -206,7 +220,7 @@ def _build_folder(
     ``DIR/classes.txt``, one class per line in label order)."""
     root = spec.layout.find_root(data_root, spec.name)
     classes_file = Path(classes_file) if classes_file is not None else root / "classes.txt"
-    source = ClassSource(None, None, background_index=background_index)
+    source = ClassSource(None, None, background_index=background_index, shared_names=False)
     return SegDataset(
         name=spec.name,
         root=root,

@@ -25,6 +25,7 @@ from .registry import get_dataset_spec
 _ID_FORMATS = {
     "voc21": "2008_{k:06d}",
     "voc20": "2008_{k:06d}",
+    "voc20b": "2008_{k:06d}",
     "context60": "2008_{k:06d}",
     "context59": "2008_{k:06d}",
     "context459": "2008_{k:06d}",

@@ -17,7 +17,7 @@ so it is the same in both conventions. Ground-truth pixels equal to ``ignore_ind
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,21 +93,30 @@ CONVENTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def segmentation_metrics(mat: torch.Tensor, convention: str = "mmseg") -> dict[str, Any]:
+def segmentation_metrics(
+    mat: torch.Tensor, convention: str = "mmseg", classes: Sequence[int] | None = None
+) -> dict[str, Any]:
     """mIoU, mAcc, aAcc (detectron2's pACC), fwIoU and per-class IoU / Acc (NaN = not scored), as
-    fractions in [0, 1], from a (C, C) confusion matrix."""
+    fractions in [0, 1], from a (C, C) confusion matrix.
+
+    ``classes``: score a subset (the unseen classes of a zero-shot split): IoU and Acc still come from
+    the whole matrix (pixels of other classes predicted as one of them are its false positives), but
+    mIoU, mAcc and fwIoU are over these classes and aAcc is the accuracy over their pixels. The
+    per-class lists keep every class.
+    """
     scored = lookup(CONVENTIONS, convention, "metric convention")
     inter, gt, pred = _stats(mat)
     union = gt + pred - inter
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     iou = torch.where(scored(gt, union), inter / union.clamp(min=1), nan)
     acc = torch.where(gt > 0, inter / gt.clamp(min=1), nan)
-    total = gt.sum()
+    keep = slice(None) if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
+    total = gt[keep].sum()
     return {
-        "mIoU": _nanmean(iou),
-        "mAcc": _nanmean(acc),
-        "aAcc": float(inter.sum() / total) if total > 0 else float("nan"),
-        "fwIoU": _fwiou(inter, gt, union),
+        "mIoU": _nanmean(iou[keep]),
+        "mAcc": _nanmean(acc[keep]),
+        "aAcc": float(inter[keep].sum() / total) if total > 0 else float("nan"),
+        "fwIoU": _fwiou(inter[keep], gt[keep], union[keep]),
         "IoU": iou.tolist(),
         "Acc": acc.tolist(),
     }

@@ -11,6 +11,9 @@
 * ``default``: the method's registered defaults, unchanged (no threshold).
 
 Only ``paper`` changes method options; the others build every method with its constructor's defaults.
+Only ``paper`` changes the headline metric convention too, to the one the method's numbers were
+published with (``PaperSettings.convention``: detectron2's ``SemSegEvaluator`` for CAT-Seg and the
+methods evaluated with its code); otherwise it is mmseg's.
 
 Command-line settings (``--short-side 448``...) are applied on top and recorded as overrides.
 """
@@ -25,6 +28,7 @@ from .._names import lookup
 from ..data.registry import STANDARD_BENCHMARKS
 from ..inference.config import InferenceConfig
 from ..methods import get_method_spec
+from .metrics import CONVENTIONS
 
 UNIFIED_BASE: dict[str, Any] = {
     "short_side": 336,
@@ -37,6 +41,8 @@ UNIFIED_BASE: dict[str, Any] = {
 }
 UNIFIED_BENCHMARK: dict[str, dict[str, Any]] = {"cityscapes": {"short_side": 560}}
 UNIFIED_BACKGROUND_THRESHOLD = 0.1
+#: the headline metric convention of every protocol but a method's paper protocol that states another
+DEFAULT_CONVENTION = "mmseg"
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class ResolvedProtocol:
     config: InferenceConfig
     source: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    convention: str = DEFAULT_CONVENTION  # the headline metric convention (vocabseg.eval.metrics.CONVENTIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "overrides": dict(self.overrides)}
@@ -61,10 +68,9 @@ def _paper(method: str, benchmark: str, has_background: bool) -> tuple[dict[str,
     paper = get_method_spec(method).paper
     if paper is None:
         return {}, f"{method} has no published per-benchmark protocol: the method's defaults"
-    settings = paper.settings.get(benchmark, {})
-    if not settings and benchmark not in STANDARD_BENCHMARKS:
+    if benchmark not in paper.settings and benchmark not in STANDARD_BENCHMARKS:
         return {}, f"{paper.source}; no published setting for {benchmark}: the method's defaults"
-    return dict(settings), f"{paper.source} ({benchmark})"
+    return dict(paper.settings.get(benchmark, {})), f"{paper.source} ({benchmark})"
 
 
 def _unified(method: str, benchmark: str, has_background: bool) -> tuple[dict[str, Any], str]:
@@ -111,7 +117,10 @@ def resolve_protocol(
         overrides: settings given explicitly (command line), applied last.
     """
     settings, source = lookup(PROTOCOLS, name, "protocol")(method, benchmark, has_background)
-    config = get_method_spec(method).defaults.updated(**settings)
+    spec = get_method_spec(method)
+    config = spec.defaults.updated(**settings)
+    convention = (spec.paper.convention if name == "paper" and spec.paper is not None else None) or DEFAULT_CONVENTION
+    lookup(CONVENTIONS, convention, f"metric convention of {method}'s paper protocol")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if given:
         config = config.updated(**given)
@@ -120,4 +129,4 @@ def resolve_protocol(
             f"prob_threshold={config.prob_threshold} needs a background class, and {benchmark} has none "
             "(SCLIP issue #2: do not threshold datasets without background)."
         )
-    return ResolvedProtocol(name, config, source, given)
+    return ResolvedProtocol(name, config, source, given, convention)

@@ -28,7 +28,7 @@ import torch
 
 from .. import __version__
 from ..data.dataset import SegDataset
-from ..inference.config import InferenceConfig
+from ..inference.config import LATER_SETTINGS, InferenceConfig
 from ..io.files import atomic_write_text
 from ..models.fingerprint import weights_fingerprint
 
@@ -52,6 +52,10 @@ def run_identity(segmenter: Segmenter, dataset: SegDataset, config: InferenceCon
     """Everything a per-image result depends on."""
     settings = config.to_dict()
     settings.pop("batch_size", None)  # windows are batched without changing the numbers
+    defaults = InferenceConfig()
+    for name in LATER_SETTINGS:  # at their defaults they change nothing: earlier runs keep their records
+        if settings[name] == getattr(defaults, name):
+            del settings[name]
     described = segmenter.describe(config)
     identity = {
         "record_format": RECORD_FORMAT,

@@ -36,20 +36,22 @@ if TYPE_CHECKING:
 
 
 class SemanticScorer:
-    """One (C, C) confusion matrix for the split; metrics in both conventions."""
+    """One (C, C) confusion matrix for the split; metrics in both conventions (over the dataset's
+    ``scored_classes`` when it names a subset)."""
 
     def __init__(self, dataset: SegDataset):
         self.num_classes, self.ignore_index = dataset.num_classes, dataset.ignore_index
         self.shape: tuple[int, ...] = (self.num_classes, self.num_classes)
+        self.classes = dataset.scored_classes
 
     def counts(self, pred: np.ndarray, gt: np.ndarray, sample: Sample) -> torch.Tensor:
         return confusion_matrix(pred, gt, self.num_classes, self.ignore_index)
 
     def metrics(self, acc: torch.Tensor) -> dict[str, dict[str, Any]]:
-        return {name: segmentation_metrics(acc, name) for name in CONVENTIONS}
+        return {name: segmentation_metrics(acc, name, self.classes) for name in CONVENTIONS}
 
     def running(self, acc: torch.Tensor) -> float:
-        return segmentation_metrics(acc, "mmseg")["mIoU"]
+        return segmentation_metrics(acc, "mmseg", self.classes)["mIoU"]
 
     def check(self, counts: torch.Tensor, sample: Sample) -> str | None:
         return None  # any non-negative (C, C) counts can be an image's (checked by the record store)
@@ -131,7 +133,7 @@ def evaluate(
     overrides: dict[str, Any] | None = None,
     out_dir: str | os.PathLike | None = None,
     limit: int | None = None,
-    convention: str = "mmseg",
+    convention: str | None = None,
     save_predictions: bool = False,
     images_per_batch: int = 2,
     progress: bool = True,
@@ -151,7 +153,8 @@ def evaluate(
             rerun resumes; ``result.json``, ``result.md``; ``predictions/`` PNGs). ``None``: nothing
             is written and nothing resumes.
         limit: only the first ``limit`` samples of the sorted split.
-        convention: the headline metrics: ``mmseg`` or ``detectron2`` (both are computed).
+        convention: the headline metrics: ``mmseg`` or ``detectron2`` (both are computed); ``None``: the
+            protocol's (the paper protocol's of a method published with detectron2's, else mmseg).
         save_predictions: write each prediction as a palette PNG of dataset label indices.
         images_per_batch: images whose windows share forward passes.
         shard: under torchrun, split the samples across processes (every process must call). With
@@ -159,13 +162,15 @@ def evaluate(
         seed: the seed ``segmenter``'s random weights were drawn with, if any; only recorded in the
             reports (the records are keyed by the weights themselves, see :func:`~.records.run_identity`).
     """
-    lookup(CONVENTIONS, convention, "metric convention")
+    if convention is not None:
+        lookup(CONVENTIONS, convention, "metric convention")
     if save_predictions and out_dir is None:
         raise ValueError("save_predictions needs an out_dir to write the PNGs to.")
     world = world_info() if shard else WorldInfo()
     method = segmenter.spec.name
     resolved = resolve_protocol(protocol, method, dataset.settings_key, dataset.has_background, overrides)
     config = resolved.config
+    convention = convention or resolved.convention
     identity = run_identity(segmenter, dataset, config)
     rid = run_id(identity)
     scorer = lookup(SCORERS, dataset.kind, "dataset kind")(dataset)

@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 
 #: the ways logits become probabilities (see :func:`vocabseg.inference.postprocess.class_probabilities`)
 SCORES = ("softmax", "sigmoid")
+#: how the image is resized to ``short_side``: ``bilinear`` on the normalised float image without
+#: antialiasing (mmseg / cv2), or ``pil``: PIL's bilinear on the uint8 image, antialiased when shrinking
+#: and rounded to uint8 (detectron2's ``ResizeShortestEdge``, CAT-Seg's test-time resize)
+RESIZE_FILTERS = ("bilinear", "pil")
+#: what the sliding windows average: logits (scored once at the input's size) or each window's scores
+AVERAGES = ("logits", "scores")
+#: which names of a class are scored: every synonym (max-merged) or the first only
+SYNONYMS = ("all", "first")
+#: settings added after evaluation records existed: left out of a run's identity while they keep their
+#: default (:func:`vocabseg.eval.records.run_identity`), so the records of earlier runs stay valid
+LATER_SETTINGS = ("resize_filter", "square_size", "global_weight", "average", "synonyms")
 
 #: the largest ``pad_multiple``. ProxyCLIP needs 56 (its VFM grid); padding every window to a multiple
 #: of more than 1024 px would make each forward pass mostly zeros and its memory unbounded.
@@ -45,6 +56,19 @@ def _is_number(value: Any) -> bool:
 def _setting(default: Any, help: str, allowed: str, valid: Callable[[Any], bool]) -> Any:
     """A field with its help text, a description of its allowed values, and the check of them."""
     return field(default=default, metadata={"help": help, "allowed": allowed, "valid": valid})
+
+
+def _choice(default: str, help: str, choices: tuple[str, ...]) -> Any:
+    """A setting that takes one of a few names (the command line offers them as its choices)."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "allowed": f"one of {', '.join(choices)}",
+            "valid": lambda v: v in choices,
+            "choices": choices,
+        },
+    )
 
 
 #: windows per forward pass when ``batch_size`` is 0 ("by device"), per torch device type. A GPU is
@@ -72,6 +96,20 @@ class InferenceConfig:
     max_long_side: int = _setting(
         2048, "cap on the resized long side", "an integer > 0", lambda v: _is_int(v) and v > 0
     )
+    resize_filter: str = _choice(
+        "bilinear",
+        "how the image is resized to short_side: bilinear on the normalised image without antialiasing "
+        "(mmseg, cv2) or pil, PIL's bilinear on the 8-bit image, antialiased when shrinking and rounded to "
+        "8 bits (detectron2's ResizeShortestEdge, as CAT-Seg evaluates)",
+        RESIZE_FILTERS,
+    )
+    square_size: int = _setting(
+        0,
+        "after the short-side resize, squash the image to this many pixels a side (aspect ratio not kept) "
+        "and run the windows on that; the result is resized back to the input (CAT-Seg's sliding window: 640)",
+        "an integer >= 0 (0: off)",
+        lambda v: _is_int(v) and v >= 0,
+    )
     crop: int = _setting(
         224,
         "sliding-window size in pixels",
@@ -84,19 +122,38 @@ class InferenceConfig:
         "an integer > 0, at most crop when crop > 0",
         lambda v: _is_int(v) and v > 0,
     )
+    global_weight: float = _setting(
+        0.0,
+        "weight w of one more view: the short-side-resized image squashed to crop x crop, its output resized "
+        "to the windows' image and blended as (1 - w) windows + w view (CAT-Seg: 0.5); needs crop > 0",
+        "a number from 0 (off) to 1",
+        lambda v: _is_number(v) and 0.0 <= v <= 1.0,
+    )
+    average: str = _choice(
+        "logits",
+        "what the windows (and the global view) average: logits, scaled and scored once at the input's size "
+        "(the SCLIP lineage), or scores, each window's logits scaled and scored (softmax or sigmoid) before "
+        "averaging (CAT-Seg averages sigmoids)",
+        AVERAGES,
+    )
     logit_scale: float = _setting(
         40.0,
         "temperature applied to the method's logits (cosine similarities) before scoring",
         "a finite number > 0",
         lambda v: _is_number(v) and v > 0,
     )
-    score: str = _setting(
+    score: str = _choice(
         "softmax",
         "how scaled logits become probabilities: softmax over all names jointly (the SCLIP lineage) or "
         "sigmoid per name, independent binary scores (Beyond-Labels; with prob_threshold 0.5 this is its "
         "argmax over [background = 0.5, sigmoid] rule)",
-        f"one of {', '.join(SCORES)}",
-        lambda v: v in SCORES,
+        SCORES,
+    )
+    synonyms: str = _choice(
+        "all",
+        "which names of a class are scored: all its synonyms, max-merged, or only the first (CAT-Seg "
+        "prompts a class by its first name); a background class keeps all its names, each a thing of its own",
+        SYNONYMS,
     )
     prob_threshold: float = _setting(
         0.0,
@@ -146,6 +203,11 @@ class InferenceConfig:
             problems.append(
                 f"stride={self.stride!r} ({option_flag('stride')}) must not exceed crop={self.crop!r} "
                 f"({option_flag('crop')}): pixels between windows would get no prediction"
+            )
+        if not problems and self.global_weight > 0 and self.crop == 0:  # the view is crop x crop
+            problems.append(
+                f"global_weight={self.global_weight!r} ({option_flag('global_weight')}) needs windows: the global "
+                f"view is crop x crop, and crop=0 ({option_flag('crop')}) already runs the whole image at once"
             )
         if problems:
             raise SettingsError("Invalid inference setting: " + "; ".join(problems) + ".")

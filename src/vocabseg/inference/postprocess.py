@@ -1,7 +1,9 @@
 """From per-name logits to class probabilities and labels (SCLIP ``postprocess_result``).
 
 1. p = softmax(logit_scale · cos) over all names jointly (or, with ``score="sigmoid"``, an independent
-   sigmoid(logit_scale · logit) per name: Beyond-Labels' binary per-class scores);
+   sigmoid(logit_scale · logit) per name: Beyond-Labels' binary per-class scores); when the windows
+   were averaged as scores (:func:`window_scores`, CAT-Seg), the values are probabilities already
+   and are taken as they are (score ``given``);
 2. synonyms merged per class by the max of their probabilities;
 3. optional area threshold: a foreground class covering less than ``area_threshold`` of the
    predicted foreground has its probabilities zeroed;
@@ -19,7 +21,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-_SCORE_FUNCTIONS = {"softmax": lambda x: x.softmax(dim=0), "sigmoid": torch.sigmoid}
+#: the score of values that are probabilities already (:func:`window_scores` made them)
+GIVEN = "given"
+
+#: score name -> function of the scaled logits and the names' axis
+_SCORE_FUNCTIONS = {
+    "softmax": lambda x, dim: x.softmax(dim=dim),
+    "sigmoid": lambda x, dim: torch.sigmoid(x),
+    GIVEN: lambda x, dim: x,
+}
 
 #: names whose logits :func:`stream_labels` holds at once (whole classes, so a class with more synonyms
 #: makes a larger step): 32 x 1024 x 1024 float32 is 128 MiB; larger steps do not run faster
@@ -33,10 +43,23 @@ def class_probabilities(
 
     A class with no names (a threshold-only background) gets probability 0 everywhere.
     """
-    probs = _SCORE_FUNCTIONS[score](logit_scale * logits)
+    probs = _SCORE_FUNCTIONS[score](logit_scale * logits, 0)
     index = torch.as_tensor(name_to_class, device=logits.device).view(-1, 1, 1).expand_as(probs)
     merged = probs.new_zeros((num_classes, *probs.shape[1:]))
     return merged.scatter_reduce(0, index, probs, reduce="amax", include_self=True)
+
+
+def window_scores(logits: torch.Tensor, logit_scale: float, score: str) -> torch.Tensor:
+    """(B, K, h, w) window logits -> each window's per-name probabilities (softmax over its names, or a
+    sigmoid per name), for windows averaged as scores: CAT-Seg's sliding window takes the sigmoid of
+    each window's logits (upsampled to the window) before folding the windows together.
+
+    One new tensor besides ``logits`` (left untouched: a method may return a view of its own): with
+    847 names a 384-px window's logits are 0.5 GB."""
+    scaled = logits * logit_scale
+    if score == "sigmoid":
+        return scaled.sigmoid_()
+    return _SCORE_FUNCTIONS[score](scaled, 1)
 
 
 def decide_labels(
@@ -84,7 +107,7 @@ def stream_labels(
     ``logits_of(names)`` returns the (n, H, W) logits of the given name indices as a new tensor (it
     is scaled in place). It is asked for the names of whole classes, about ``names_per_step`` at a
     time, so synonyms are max-merged within one step. Each pixel keeps only its best class so far:
-    with sigmoid scores, by probability; with softmax, by scaled logit (every name's probability is
+    with sigmoid (or given) scores, by probability; with softmax, by scaled logit (every name's probability is
     divided by the same per-pixel normaliser, a log-sum-exp over all names kept as a running
     maximum and sum, so the order is the same).
 

@@ -8,6 +8,10 @@ images are grouped by shape and run ``batch_size`` at a time, which gives the sa
 Degenerate inputs (a 10000x3 image, ``short_side=8``, a crop below the patch size) would give windows
 smaller than the model's patch, which no ViT can embed. Such windows are zero-padded at the bottom and
 right up to a minimum size and their logits cropped back; windows of ordinary size are untouched.
+
+CAT-Seg's sliding window (``CATSeg.inference_sliding_window``) adds one *global view* per image: the
+whole image squashed to one window, whose output is resized back and averaged with the windows'.
+Here it is one more "image" of exactly one window, so it runs in the same batches as the windows.
 """
 
 from __future__ import annotations
@@ -16,8 +20,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+#: names blended with the global view at once (bounds the temporary of its resize)
+BLEND_NAMES = 32
 
 
 def rescaled_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -39,6 +48,35 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     batched = image if image.ndim == 4 else image[None]
     out = F.interpolate(batched, size=size, mode="bilinear", align_corners=False)
     return out if image.ndim == 4 else out[0]
+
+
+def resize_array_pil(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL's bilinear resize of an (H, W, 3) uint8 image to ``size`` (height, width), as detectron2's
+    ``ResizeTransform`` (what ``ResizeShortestEdge`` applies at test time): antialiased when shrinking,
+    rounded to uint8."""
+    if tuple(array.shape[:2]) == tuple(size):
+        return array
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+#: ``InferenceConfig.resize_filter`` -> (uint8 image, size, normalisation) -> normalised (3, H, W) input
+_RESIZE_FILTERS: dict[
+    str, Callable[[np.ndarray, tuple[int, int], Callable[[np.ndarray], torch.Tensor]], torch.Tensor]
+] = {
+    "bilinear": lambda array, size, normalize: resize_image(normalize(array), size),
+    "pil": lambda array, size, normalize: normalize(resize_array_pil(array, size)),
+}
+
+
+def resized_input(
+    array: np.ndarray,
+    size: tuple[int, int],
+    resize_filter: str,
+    normalize: Callable[[np.ndarray], torch.Tensor],
+) -> torch.Tensor:
+    """The normalised (3, H, W) model input of an (H, W, 3) uint8 image at ``size``, resized with
+    ``resize_filter`` (bilinear on the normalised image, or PIL on the uint8 one before normalising)."""
+    return _RESIZE_FILTERS[resize_filter](array, size, normalize)
 
 
 def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -100,6 +138,8 @@ def sliding_window_logits(
     batch_size: int,
     progress: Callable[[int], None] | None = None,
     min_size: tuple[int, int] = (1, 1),
+    global_views: Sequence[torch.Tensor] = (),
+    global_weight: float = 0.0,
 ) -> list[torch.Tensor]:
     """Average window logits over each image.
 
@@ -109,19 +149,39 @@ def sliding_window_logits(
         progress: called with the number of windows done after each batch.
         min_size: (height, width) below which a window is zero-padded (bottom/right) before
             ``window_logits`` sees it; its logits are cropped back to the window.
+        global_views: with ``global_weight`` > 0, one (3, h_i, w_i) image per image (CAT-Seg: the image
+            before it was squashed to a square), resized to ``crop x crop`` and run as one more window;
+            its output, resized to image i's size, is blended in: ``(1 - w) windows + w view``.
     Returns:
         one (K, H_i, W_i) float32 tensor per image.
     """
-    sums: list[torch.Tensor | None] = [None] * len(images)
-    counts = [img.new_zeros(img.shape[-2:], dtype=torch.float32) for img in images]
+    views = [resize_image(v, (crop, crop)) for v in global_views] if global_weight > 0 else []
+    if views and len(views) != len(images):
+        raise ValueError(f"{len(views)} global views for {len(images)} images")
+    every = [*images, *views]
+    sums: list[torch.Tensor | None] = [None] * len(every)
+    counts = [img.new_zeros(img.shape[-2:], dtype=torch.float32) for img in every]
     for i, (y1, y2, x1, x2), out in window_logits_each(
-        images, window_logits, crop, stride, batch_size, progress, min_size
+        every, window_logits, crop, stride, batch_size, progress, min_size
     ):
         if sums[i] is None:
-            sums[i] = out.new_zeros((out.shape[0], *images[i].shape[-2:]))
+            sums[i] = out.new_zeros((out.shape[0], *every[i].shape[-2:]))
         sums[i][:, y1:y2, x1:x2] += out
         counts[i][y1:y2, x1:x2] += 1
-    return [s.div_(c) for s, c in zip(sums, counts)]  # in place: with many names each is large
+    averaged = [s.div_(c) for s, c in zip(sums, counts)]  # in place: with many names each is large
+    view_outputs = averaged[len(images) :]
+    del averaged[len(images) :]
+    for i in reversed(range(len(view_outputs))):  # each view blended into its image, then let go
+        _blend(averaged[i], view_outputs.pop(), global_weight)
+    return averaged
+
+
+def _blend(target: torch.Tensor, view: torch.Tensor, weight: float) -> None:
+    """``target = (1 - weight) target + weight view`` with ``view`` (K, h, w) resized (bilinear) to the
+    target's size, ``BLEND_NAMES`` names at a time, in place."""
+    for start in range(0, target.shape[0], BLEND_NAMES):
+        part = resize_image(view[None, start : start + BLEND_NAMES], tuple(target.shape[-2:]))[0]
+        target[start : start + BLEND_NAMES].mul_(1 - weight).add_(part, alpha=weight)
 
 
 def _padded_window_logits(

@@ -5,7 +5,24 @@
 >>> feats = m(images)   # (B, D, h, w) in CLIP's joint space, before L2 normalisation  # doctest: +SKIP
 """
 
-from . import beyond_labels, clearclip, clip, cliper, corrclip, maskclip, naclip, proxyclip, scclip, sclip, sfp, trident  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    beyond_labels,
+    catseg,
+    clearclip,
+    clip,
+    cliper,
+    corrclip,
+    fgaseg,
+    maskclip,
+    naclip,
+    pixelclip,
+    proxyclip,
+    scclip,
+    sclip,
+    sfp,
+    trident,
+    vilseg,
+)
 from .base import DenseCLIPMethod
 from .registry import MethodSpec, create_method, get_method_spec, list_methods, register_method
 

@@ -37,11 +37,13 @@ TEXT_INPUTS = ("mean", "per_template")
 
 class PaperSettings(NamedTuple):
     """A method's published evaluation settings: inference settings, and the constructor options some
-    papers also change per benchmark (Trident's ``cos_fac``, CLIPer's ``softmax_scale``)."""
+    papers also change per benchmark (Trident's ``cos_fac``, CLIPer's ``softmax_scale``), and the metric
+    convention its numbers were computed with (``None``: the harness's, mmseg)."""
 
     source: str  # where the settings are committed (repository and config files, or the paper)
     settings: Mapping[str, Mapping[str, Any]]  # benchmark -> settings that differ from the defaults
     options: Mapping[str, Mapping[str, Any]] = MappingProxyType({})  # benchmark -> method options likewise
+    convention: str | None = None  # vocabseg.eval.metrics.CONVENTIONS: "detectron2" for CAT-Seg's lineage
 
 
 @dataclass(frozen=True)

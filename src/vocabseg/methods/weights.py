@@ -136,9 +136,17 @@ def resolve_checkpoint_dir(weights: str | os.PathLike) -> Path:
     return path
 
 
-def read_trained_weights(weights: str | os.PathLike) -> TrainedWeights:
+def read_trained_weights(
+    weights: str | os.PathLike, method: str | None = None, base_model: str | None = None
+) -> TrainedWeights:
     """Read and check a trained checkpoint; every problem is one :class:`CheckpointError` that says
-    which file is wrong and what was expected."""
+    which file is wrong and what was expected. A released checkpoint file of ``method`` (CAT-Seg's
+    ``model_base.pth``...) is converted on the fly (:mod:`vocabseg.methods.official`; ``base_model``:
+    its CLIP architecture when the converter cannot tell it)."""
+    from .official import is_official_file, read_official_weights
+
+    if is_official_file(weights):
+        return read_official_weights(weights, method, base_model)
     folder = resolve_checkpoint_dir(weights)
     missing = [n for n in (CONFIG_FILE, MODEL_FILE) if not (folder / n).is_file()]
     if missing:

@@ -29,11 +29,19 @@ BEYOND_LABELS_TEMPLATES = (
     "This falls under one {} within the context.",
 )
 
+#: CAT-Seg's and PixelCLIP's single template (PixelCLIP writes its learnable class names into it)
+SCENE_TEMPLATE = "A photo of a {} in the scene"
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "openai80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     "openai7": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
+    # PixelCLIP's evaluation ensemble ("imagenet_select"): the 7 above, then the scene template
+    "pixelclip8": (*(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES), SCENE_TEMPLATE),
     "beyond_labels12": BEYOND_LABELS_TEMPLATES,
+    # CAT-Seg's (and FGAseg's) PROMPT_ENSEMBLE_TYPE "single"
+    "catseg1": (SCENE_TEMPLATE,),
     "name": ("{}",),
+    "photo": ("a photo of a {}.",),  # ViL-Seg (Sec. 3.3), after CLIP's zero-shot prompt
 }
 DEFAULT_TEMPLATES = "openai80"
 

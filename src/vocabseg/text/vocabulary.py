@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import VocabularyError
@@ -43,10 +43,18 @@ class Vocabulary:
 
     The background class may have no names (then it is reached only through the probability
     threshold), or names such as ``sky; wall; floor`` that compete with the other classes.
+
+    A name may be given once: a list a person types with the same name in two classes is a mistake
+    (one class could never win where the name is best), so it is refused. A benchmark's own class
+    list is not a mistake to correct but a fact to reproduce: ADE20K-847's WordNet synonyms repeat
+    across classes (``screen`` in four, ``bag`` three times as a first name). With ``shared_names``
+    such a name is scored once per class that lists it, each class still from its own names; where
+    two classes tie, the first wins (argmax), as in the evaluation code that published the numbers.
     """
 
     classes: tuple[VocabClass, ...]
     background_index: int | None = None
+    shared_names: bool = False
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -59,7 +67,7 @@ class Vocabulary:
                 if not _clean(name):
                     raise VocabularyError(f"Class {i} ({cls.names!r}) contains an empty name.")
                 key = _key(name)
-                if key in seen:
+                if key in seen and (seen[key] == i or not self.shared_names):
                     where = "twice in the same class" if seen[key] == i else f"in classes {seen[key]} and {i}"
                     raise VocabularyError(f"Duplicate class name {name!r} ({where}); names must be unique.")
                 seen[key] = i
@@ -68,8 +76,15 @@ class Vocabulary:
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
-    def from_list(cls, classes: Iterable[str | Sequence[str]], *, background_index: int | None = None) -> Vocabulary:
-        """From ``["car", "person; man", ["tv", "television"]]``: a string may carry ``;`` synonyms."""
+    def from_list(
+        cls,
+        classes: Iterable[str | Sequence[str]],
+        *,
+        background_index: int | None = None,
+        shared_names: bool = False,
+    ) -> Vocabulary:
+        """From ``["car", "person; man", ["tv", "television"]]``: a string may carry ``;`` synonyms.
+        ``shared_names``: a benchmark's list, whose classes may share a name (see the class docstring)."""
         parsed = []
         for i, item in enumerate(classes):
             names = item.split(";") if isinstance(item, str) else list(item)
@@ -79,7 +94,7 @@ class Vocabulary:
             if not all(names):
                 raise VocabularyError(f"Class {i} ({item!r}) contains an empty synonym.")
             parsed.append(VocabClass(tuple(names)))
-        return cls(tuple(parsed), background_index)
+        return cls(tuple(parsed), background_index, shared_names)
 
     @classmethod
     def parse(cls, text: str) -> Vocabulary:
@@ -111,7 +126,7 @@ class Vocabulary:
         names = tuple(_clean(n) for n in names)
         if not all(names):
             raise VocabularyError(f"Empty background name in {names!r}.")
-        return Vocabulary((*self.classes, VocabClass(names)), len(self.classes))
+        return replace(self, classes=(*self.classes, VocabClass(names)), background_index=len(self.classes))
 
     def without_background_names(self) -> Vocabulary:
         """The same classes with a background class that has no names (reached by threshold only)."""
@@ -119,7 +134,18 @@ class Vocabulary:
             return self
         classes = list(self.classes)
         classes[self.background_index] = VocabClass(())
-        return Vocabulary(tuple(classes), self.background_index)
+        return replace(self, classes=tuple(classes))
+
+    def first_names(self) -> Vocabulary:
+        """Each class prompted by its first name only (CAT-Seg's ``get_text_embeds`` takes the part of
+        ``"building, edifice"`` before the first comma). The background class keeps all its names: they
+        are the things it stands for (PAS-20b's 39 PASCAL-Context classes), not synonyms of one name."""
+        if all(len(c.names) <= 1 or i == self.background_index for i, c in enumerate(self.classes)):
+            return self
+        classes = tuple(
+            c if i == self.background_index else VocabClass(c.names[:1]) for i, c in enumerate(self.classes)
+        )
+        return replace(self, classes=classes)
 
     # -- views ------------------------------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ validation runs on, so a new method or dataset is one entry here, never an ``if`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .._names import lookup
+from ..data import captions, mask_train, semantic_train
 from ..data.dataset import SegDataset
 from ..data.train import SegTrainDataset, TrainTransforms
 from ..errors import MethodOptionError
@@ -58,6 +60,42 @@ TRAIN_DATA: dict[str, TrainData] = {
         _pascal5i_val,
         ("fold", "pairs_file", "unseen"),
         "PASCAL-5i leave-one-fold-out: train on the 15 seen classes, validate zero-shot on the fold's 5",
+    ),
+    "sa1b": TrainData(
+        mask_train.sa1b_train,
+        mask_train.mask_validation,
+        mask_train.option_names(mask_train.build_sa1b_train),
+        "SA-1B images with their class-free masks (PixelCLIP); validation optional (options val_dataset, val_root)",
+    ),
+    "dino_masks": TrainData(
+        mask_train.dino_masks_train,
+        mask_train.mask_validation,
+        mask_train.option_names(mask_train.build_dino_masks_train),
+        "any image folder with DINO k-means masks (PixelCLIP's label-free variant); validation optional as sa1b",
+    ),
+    "caption_csv": TrainData(
+        captions.caption_list_train,
+        None,
+        captions.CAPTION_LIST_OPTIONS,
+        "image-caption pairs listed in a 'path<TAB>caption' file (ViL-Seg); multi-crop views, no validation",
+    ),
+    "coco_captions": TrainData(
+        captions.coco_captions_train,
+        None,
+        captions.COCO_CAPTIONS_OPTIONS,
+        "COCO Captions train2017 (ViL-Seg small runs); multi-crop views, one caption per image drawn per sample",
+    ),
+    "caption_shards": TrainData(
+        captions.caption_shards_train,
+        None,
+        captions.CAPTION_SHARDS_OPTIONS,
+        "img2dataset WebDataset shards (CC3M/CC12M, ViL-Seg), streamed; resume is exact to the shard",
+    ),
+    "coco_stuff": TrainData(
+        functools.partial(semantic_train.train_split, "coco_stuff"),
+        functools.partial(semantic_train.val_split, "coco_stuff"),
+        semantic_train.OPTIONS,
+        "COCO-Stuff-171 train2017, all 171 classes (CAT-Seg, FGAseg); validation on COCO-Stuff val2017",
     ),
 }
 

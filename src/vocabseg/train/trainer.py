@@ -6,7 +6,8 @@ every process of ``torchrun --nproc-per-node N`` (gloo on CPU, nccl on CUDA); a 
 should end with :func:`vocabseg.eval.distributed.exit_process`.
 
 Exact resume: a run killed at any moment (even SIGKILL) and resumed ends with the same weights as a
-run that never stopped (same machine, same thread count). This holds because
+run that never stopped (same machine, same thread count), for an indexed (map-style) dataset. This
+holds because
 
 - the data order and every sample's augmentation are pure functions of (seed, epoch, index), and the
   position in the data follows from the step (``sampler.py``);
@@ -16,6 +17,10 @@ run that never stopped (same machine, same thread count). This holds because
 - checkpoints restore the model, optimiser, schedule, loss scaler, EMA, step, best score and rank 0's
   RNG states (used by whatever runs between iterations, e.g. validation); they are only written
   complete (``checkpoint.py``), and ``metrics.jsonl`` is trimmed back to the checkpoint's step.
+
+A streaming dataset (WebDataset shards, :class:`~vocabseg.train.sampler.ShardStream`) resumes exactly
+to the shard, not to the sample: the checkpoint stores the shards every rank has opened in its epoch
+(``trainer_state["data_stream"]``) and the resumed run continues with the others (``sampler.py``).
 
 Validation runs on rank 0 only (the other ranks wait at a barrier), every ``val_every`` steps and at
 the end, on the model in eval mode under ``torch.no_grad``.
@@ -65,7 +70,7 @@ from .log import RunLogger
 from .model import TrainingError, check_trainable
 from .optim import autocast, build_optimizer, build_scheduler, check_amp, grad_scaler, lr_factor
 from .recipe import RESUMABLE_CHANGES, Recipe, recipe_differences
-from .sampler import BatchStream, ResumableDistributedSampler, build_loader, mix_seed
+from .sampler import ShardBatchStream, build_batch_stream, mix_seed
 
 __all__ = ["train", "TrainResult", "RECIPE_FILE"]
 
@@ -204,7 +209,8 @@ def train(
     """Train ``model`` (a :class:`~vocabseg.train.model.TrainableModel`) on ``dataset`` by ``recipe``.
 
     Args:
-        dataset: ``dataset[(index, seed)]`` returns a dict of tensors derived from ``seed`` only.
+        dataset: ``dataset[(index, seed)]`` returns a dict of tensors derived from ``seed`` only; or a
+            streaming :class:`~vocabseg.train.sampler.ShardStream` (resumed at a shard boundary).
         out_dir: run folder: ``recipe.json``, ``metrics.jsonl``, ``tb/``, ``checkpoint-*``.
         resume: ``True``: continue from the newest valid checkpoint in ``out_dir`` (start fresh when
             there is none); a path: continue from that checkpoint; ``False``: start fresh, refusing
@@ -253,15 +259,25 @@ def train(
                 stacklevel=2,
             )
 
-    sampler = ResumableDistributedSampler(len(dataset), seed=recipe.seed, rank=info.rank, world_size=world)
-    loader = build_loader(
+    data_state = ckpt.trainer_state.get("data_stream") if ckpt is not None and ckpt.trainer_state else None
+    stream = build_batch_stream(
         dataset,
-        sampler,
+        seed=recipe.seed,
+        rank=info.rank,
+        world_size=world,
         batch_size=recipe.batch_size,
         num_workers=recipe.data.num_workers,
         pin_memory=dev.type == "cuda",
+        start=step * accum,
+        resume=data_state,
     )
-    stream = BatchStream(loader, sampler, seed=recipe.seed, start=step * accum)
+    streaming = isinstance(stream, ShardBatchStream)
+    if ckpt is not None and data_state is None and streaming:
+        warnings.warn(
+            f"Checkpoint {ckpt.path} holds no streaming-data position: the data stream starts again at epoch 0.",
+            stacklevel=2,
+        )
+    stream_state = None  # the data position of every rank, gathered at checkpoint steps (streaming data)
 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -296,10 +312,11 @@ def train(
         tensors = {**opt_tensors, **rng_tensors}
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        position = stream.state()
         state = {
-            "epoch": stream.epoch,
-            "batch_in_epoch": stream.offset,
-            "micro_batches": stream.position,
+            "epoch": position["epoch"],
+            "batch_in_epoch": position["batch_in_epoch"],
+            "micro_batches": position["micro_batches"],
             "world_size": world,
             "batch_size": recipe.batch_size,
             "grad_accum": accum,
@@ -311,6 +328,8 @@ def train(
             "best": best,
             "recipe": recipe.to_dict(),
         }
+        if stream_state is not None:
+            state["data_stream"] = stream_state
         return tensors, json.loads(json.dumps(state))
 
     def save(target: Path) -> Path:
@@ -376,10 +395,15 @@ def train(
                 record = {"step": step, **dict(zip(keys, values.tolist()))}
                 if not math.isfinite(record["loss"]):
                     raise TrainingError(f"The loss is {record['loss']} at step {step}; training diverged.")
-                record.update({"lr": lr, "epoch": stream.position / stream.per_epoch})
+                record.update({"lr": lr, "epoch": stream.epoch_progress})
                 record.update({f"lr/{n}": v for n, v in zip(group_names, group_lrs)})
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                if streaming:  # unreadable samples the shard readers skipped, all ranks together
+                    skipped = torch.tensor([float(sum(stream.skipped.values()))])
+                    if info.distributed:
+                        skipped = all_reduce_sum(skipped, dev)
+                    record["data/skipped"] = int(skipped.item())
             improved = False
             if val_due and info.is_main:
                 assert validate is not None
@@ -392,6 +416,11 @@ def train(
                     improved = True
             if record.get("step") == step:
                 logger.log(record)
+            if streaming and (ckpt_due or periodic_val or at_end):  # on every rank (a collective)
+                stream_state = stream.gathered_state()
+                if info.is_main and ckpt_due and stream.skipped:
+                    counts = ", ".join(f"{k} {v}" for k, v in sorted(stream.skipped.items()))
+                    logger.info(f"Data: samples skipped so far by process 0's shard readers: {counts}.")
             if info.is_main:
                 if improved:  # before the numbered checkpoint, whose state records this best
                     save(out / BEST)

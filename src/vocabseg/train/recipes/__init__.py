@@ -1,3 +1,3 @@
 """The registered recipes: one module per method family (importing it registers its recipes)."""
 
-from . import beyond_labels  # noqa: F401  (registration)
+from . import beyond_labels, catseg, pixelclip, vilseg  # noqa: F401  (registration)
