@@ -308,23 +308,6 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(tmp_path):
     assert any(QKV in k for k in moved) and any(k.startswith("head.") for k in moved)  # both groups trained
 
 
-def seen_miou(model: torch.nn.Module, dataset) -> float:
-    """mIoU over the 5 classes (argmax of the logits), on ``dataset``'s unflipped images."""
-    model.eval()
-    cm = torch.zeros(5, 5, dtype=torch.long)
-    with torch.no_grad():
-        text = model.encode_class_text()
-        for i in range(len(dataset)):
-            sample = dataset[(i, 1)]
-            pred = model.logits(sample["image"][None], text)[0].argmax(0)
-            gt = sample["label"]
-            valid = gt != 255
-            cm += torch.bincount(gt[valid] * 5 + pred[valid], minlength=25).view(5, 5)
-    model.train()
-    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp(min=1)
-    return float(iou.mean())
-
-
 @pytest.mark.slow
 def test_catseg_learns_the_shapes(tmp_path):
     """300 steps on 48 synthetic scenes: the loss falls and held-out mIoU (seen classes) is far above chance."""
@@ -340,9 +323,9 @@ def test_catseg_learns_the_shapes(tmp_path):
     recipe = catseg_setup.catseg_recipe(max_iters=300, checkpoint_every=300, log_every=20, clip_grad_norm=None)
     recipe = replace(recipe, schedule=replace(recipe.schedule, warmup_iters=10))
     held_out = catseg_setup.Shapes(n=16, seed=1)
-    before = seen_miou(model, held_out)
+    before = catseg_setup.seen_miou(model, held_out)
     train(recipe, model, catseg_setup.Shapes(n=48, seed=0), tmp_path, progress=False)
-    after = seen_miou(model, held_out)
+    after = catseg_setup.seen_miou(model, held_out)
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
     assert before < 0.1, before  # a random head: about chance

@@ -277,29 +277,12 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(tmp_path):
     assert {"head.t2p.vision.1.weight", "head.local_cost.text.weight", "head.aux_heads.0.weight"} <= moved
 
 
-def seen_miou(model: torch.nn.Module, dataset) -> float:
-    """mIoU over the 5 classes (argmax of the logits), on ``dataset``'s unflipped images."""
-    model.eval()
-    cm = torch.zeros(5, 5, dtype=torch.long)
-    with torch.no_grad():
-        text = model.encode_class_text()
-        for i in range(len(dataset)):
-            sample = dataset[(i, 1)]
-            pred = model.logits(sample["image"][None], text)[0].argmax(0)
-            gt = sample["label"]
-            valid = gt != 255
-            cm += torch.bincount(gt[valid] * 5 + pred[valid], minlength=25).view(5, 5)
-    model.train()
-    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp(min=1)
-    return float(iou.mean())
-
-
 @pytest.mark.slow
 def test_fgaseg_learns_the_shapes(tmp_path):
     """200 steps on 48 synthetic scenes: the loss falls and held-out mIoU (seen classes) is far above chance."""
     from dataclasses import replace
 
-    from train import fgaseg_setup
+    from train import catseg_setup, fgaseg_setup
 
     from vocabseg.train import train
     from vocabseg.train.log import read_metrics
@@ -309,9 +292,9 @@ def test_fgaseg_learns_the_shapes(tmp_path):
     recipe = fgaseg_setup.fgaseg_recipe(max_iters=200, checkpoint_every=200, log_every=20, clip_grad_norm=None)
     recipe = replace(recipe, optim=replace(recipe.optim, lr=4e-3), schedule=replace(recipe.schedule, warmup_iters=10))
     held_out = fgaseg_setup.Shapes(n=16, seed=1)
-    before = seen_miou(model, held_out)
+    before = catseg_setup.seen_miou(model, held_out)
     result = train(recipe, model, fgaseg_setup.Shapes(n=48, seed=0), tmp_path, progress=False)
-    after = seen_miou(model, held_out)
+    after = catseg_setup.seen_miou(model, held_out)
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert result.step == 200
     assert records[-1]["loss"] < 0.5 * records[0]["loss"], records

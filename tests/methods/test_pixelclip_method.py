@@ -417,6 +417,11 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(tmp_path):
 
     ddp, single = check_ddp_equals_single(tmp_path, f"{SETUP}:pixelclip_ddp_setup", batch_size=2, atol=1e-5)
     assert any(k.startswith("teacher.") for k in single)
+    from train import pixelclip_setup
+
+    initial = pixelclip_setup.small_pixelclip(momentum=0.9).state_dict()
+    moved = {k for k in single if k in initial and not torch.equal(single[k], initial[k])}
+    assert any(k.startswith("head.") for k in moved) and any(k.startswith("clip.") for k in moved), moved  # it trained
 
 
 def separation(model: torch.nn.Module, data: SyntheticMaskDataset, ids: list[int]) -> tuple[float, float]:

@@ -119,3 +119,20 @@ def setup(batch_size: int | None = None, workers: int = 0) -> tuple[Recipe, torc
     if batch_size is not None:
         recipe = replace(recipe, batch_size=batch_size)
     return recipe, build_model(), Shapes(n=16)
+
+
+def seen_miou(model: torch.nn.Module, dataset) -> float:
+    """mIoU over the 5 classes (argmax of the logits), on ``dataset``'s unflipped images."""
+    model.eval()
+    cm = torch.zeros(5, 5, dtype=torch.long)
+    with torch.no_grad():
+        text = model.encode_class_text()
+        for i in range(len(dataset)):
+            sample = dataset[(i, 1)]
+            pred = model.logits(sample["image"][None], text)[0].argmax(0)
+            gt = sample["label"]
+            valid = gt != 255
+            cm += torch.bincount(gt[valid] * 5 + pred[valid], minlength=25).view(5, 5)
+    model.train()
+    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp(min=1)
+    return float(iou.mean())

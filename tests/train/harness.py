@@ -206,7 +206,7 @@ def check_ddp_equals_single(
     skip = set(per_rank_keys)
     for k in one_state:
         if k not in skip:
-            torch.testing.assert_close(ddp_state[k], one_state[k], rtol=0, atol=atol, msg=k)
+            torch.testing.assert_close(ddp_state[k], one_state[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
     ddp_log, one_log = read_metrics(ddp_out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
     assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log]  # rank 0 only
     for a, b in zip(ddp_log, one_log):

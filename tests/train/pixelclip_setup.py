@@ -128,6 +128,10 @@ def pixelclip_resume_setup(batch_size: int | None = None, workers: int = 0) -> t
 def pixelclip_ddp_setup(batch_size: int | None = None, workers: int = 0) -> tuple[Recipe, Any, Dataset]:
     """The DDP check's run. Every synthetic image is covered by its masks, so each process's loss is a mean
     over the same number of pixels per image and DDP's gradient average is the whole batch's gradient;
-    the all-reduced Sinkhorn sums give both processes the one-process clusters."""
+    the all-reduced Sinkhorn sums give both processes the one-process clusters. SGD, not the recipe's
+    AdamW with clipping at 0.01: Adam divides gradients near its ε by their own size, turning the float
+    rounding of a split batch into weight differences of ~5e-5 (as fgaseg_setup.ddp_setup explains)."""
     recipe = pixelclip_recipe(batch_size=batch_size or 2, max_iters=4, checkpoint_every=4)
+    optim = OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4, lr_mult=dict(recipe.optim.lr_mult))
+    recipe = replace(recipe, optim=optim, clip_grad_norm=None)
     return recipe, small_pixelclip(momentum=0.9), SyntheticMaskDataset(n=24)
