@@ -175,3 +175,18 @@ def test_memory_cache_is_bounded_and_disk_still_serves(tiny_clip, tmp_path):
     again = enc.encode(["a"])  # evicted from memory, read back from disk without encoding
     assert enc.last_encoded == 0
     torch.testing.assert_close(again[0], first[0])
+
+
+def test_fingerprint_tells_gelu_from_quick_gelu_with_the_same_weights():
+    """Cached text embeddings of a GELU tower must not be served to the QuickGELU tower with its weights."""
+    import json
+
+    import open_clip
+    from conftest import ASSETS, TINY_CLIP
+
+    cfg = json.loads((ASSETS / f"{TINY_CLIP}.json").read_text())
+    quick, plain = (open_clip.CLIP(**{**cfg, "quick_gelu": q}) for q in (True, False))
+    plain.load_state_dict(quick.state_dict())
+    kinds = [{type(m).__name__ for m in model.transformer.modules()} for model in (quick, plain)]
+    assert kinds[0] ^ kinds[1] == {"QuickGELU", "GELU"}  # the only difference between the two models
+    assert text_tower_fingerprint(quick) != text_tower_fingerprint(plain)

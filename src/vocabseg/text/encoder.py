@@ -111,8 +111,12 @@ def _digest(*parts: str | bytes) -> str:
 
 
 def text_tower_fingerprint(clip: nn.Module) -> str:
-    """A hash of every non-visual parameter and buffer (exact bytes, so dtype counts too)."""
-    return weights_fingerprint(clip, keep=lambda name: not name.startswith("visual."), tag="text")
+    """A hash of every non-visual parameter and buffer (exact bytes, so dtype counts too) and of the
+    kinds of modules that use them: the same weights under GELU and QuickGELU (open_clip's ``ViT-B-16``
+    vs ``ViT-B-16-quickgelu``) give different embeddings."""
+    kinds = sorted({type(m).__name__ for name, m in clip.named_modules() if not name.startswith("visual")})
+    weights = weights_fingerprint(clip, keep=lambda name: not name.startswith("visual."), tag="text")
+    return _digest(weights, *kinds)
 
 
 class TextEncoder:
