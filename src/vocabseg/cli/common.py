@@ -44,7 +44,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         type=none_or_str,
         default=REQUIRED,
         help="trained methods: a checkpoint folder from `vocabseg train`, its model.safetensors, hf-hub:ORG/REPO, "
-        "or 'none' for a random head",
+        "an official release .pth (catseg, pixelclip; converted on load), or 'none' for a random head",
     )
     g.add_argument("--vfm", default=None, help="proxy VFM for proxyclip (dino_vitb8, dinov2_vitb14, sam_vitb, ...)")
     g.add_argument(
