@@ -3,6 +3,7 @@ broken samples, layout errors, and the trainer's shard-boundary resume (after SI
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import tarfile
@@ -39,6 +40,14 @@ from .harness import _ddp_worker, check_sigkill_resume, finish_run, free_port, k
 
 SETUP = str(Path(__file__).with_name("caption_stream_setup.py"))
 CROP = MultiCrop(global_size=16, local_size=8, num_local=2)
+
+
+@pytest.fixture(autouse=True)
+def _end_loader_workers():
+    """Loader iterators of endless streams a test dropped are collected (and their worker processes,
+    forked from the test process, shut down) before the next test, which may SIGKILL children of its own."""
+    yield
+    gc.collect()
 
 
 def sample_id(caption: str) -> tuple[int, int]:
@@ -206,6 +215,7 @@ def test_broken_images_and_empty_captions_are_skipped_and_counted(tmp_path):
         got = take_epoch(s)
     assert sorted(got) == sorted(captions)
     assert s.skipped == expected and ds2.describe()["skipped"] == expected
+    s.close()
 
 
 def test_layout_errors_name_the_path_and_the_fix(tmp_path):
@@ -281,6 +291,7 @@ def test_stream_resumes_at_the_next_shard_boundary(shard_dir, workers):
     left = sorted(set(range(6)) - opened)
     assert sorted(sample_id(c) for c in after) == [(s, i) for s in left for i in range(5)]  # nor skipped
     assert resumed.epoch == 1
+    resumed.close()
 
 
 def test_resume_with_another_number_of_processes_reads_what_no_rank_opened(shard_dir):
