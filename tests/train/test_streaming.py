@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -40,6 +43,26 @@ from .harness import _ddp_worker, check_sigkill_resume, finish_run, free_port, k
 
 SETUP = str(Path(__file__).with_name("caption_stream_setup.py"))
 CROP = MultiCrop(global_size=16, local_size=8, num_local=2)
+
+
+def _in_own_process(test: str) -> bool:
+    """Run ``test`` in a fresh pytest process and report whether this call should stop there.
+
+    The SIGKILL tests below kill children of the process they run in; in full xdist runs a worker that
+    had run this file's in-process loader tests sometimes died with them (cause not found), so they run
+    in a process of their own. Returns False inside that process (run the body)."""
+    if os.environ.get("VOCABSEG_ISOLATED_TEST") == test:
+        return False
+    env = {**os.environ, "VOCABSEG_ISOLATED_TEST": test}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", f"{__file__}::{test}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return True
 
 
 @pytest.fixture(autouse=True)
@@ -340,6 +363,8 @@ def test_trainer_learns_from_shards_and_checkpoints_the_stream(shard_dir, tmp_pa
 @pytest.mark.slow
 def test_sigkill_resume_is_exact_when_checkpoints_fall_on_shard_boundaries(tmp_path, monkeypatch):
     """No shuffle buffer, a checkpoint every 2 shards: the shard-boundary resume replays exactly."""
+    if _in_own_process("test_sigkill_resume_is_exact_when_checkpoints_fall_on_shard_boundaries"):
+        return
     write_shards(tmp_path / "shards")  # 6 shards x 4 samples, batch 2
     monkeypatch.setenv("CAPTION_SHARDS_DIR", str(tmp_path / "shards"))
     monkeypatch.setenv("CAPTION_DELAY", "0.04")
@@ -352,6 +377,8 @@ def test_sigkill_resume_is_exact_when_checkpoints_fall_on_shard_boundaries(tmp_p
 def test_sigkill_resume_continues_with_the_right_shards(tmp_path, monkeypatch):
     """A shuffle buffer of 6: after the kill, the run goes on with the shards not opened at the
     checkpoint; the samples the opened shards still held are skipped, none is trained on twice."""
+    if _in_own_process("test_sigkill_resume_continues_with_the_right_shards"):
+        return
     write_shards(tmp_path / "shards", num_shards=10)  # 40 samples: the 10 steps of batch 2 stay in epoch 0
     monkeypatch.setenv("CAPTION_SHARDS_DIR", str(tmp_path / "shards"))
     monkeypatch.setenv("CAPTION_DELAY", "0.05")
