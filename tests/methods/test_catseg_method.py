@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_clip
+from train.catseg_setup import prepared
 
 from vocabseg import Segmenter
 from vocabseg.errors import CheckpointError
 from vocabseg.methods import create_method, get_method_spec
 from vocabseg.methods.catseg import default_guidance_layers, split_qkv
-from vocabseg.models.clip import OPENAI_MEAN, OPENAI_STD, LoadedCLIP, default_tokenizer
+from vocabseg.models.clip import default_tokenizer
 from vocabseg.text.templates import resolve_templates
-from vocabseg.text.vocabulary import Vocabulary
 
 TRAIN = Path(__file__).parents[1] / "train"
 SETUP = TRAIN / "catseg_setup.py"
@@ -43,21 +43,6 @@ def unit_text(k: int = 3, p: int = 1, seed: int = 0) -> torch.Tensor:
 
 def images(*size: int, b: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(b, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-class Classes:
-    """A training dataset as ``prepare_training`` sees it (its vocabulary)."""
-
-    def __init__(self, classes: list[str]):
-        self.vocabulary = Vocabulary.from_list(classes)
-
-
-def prepared(model: torch.nn.Module, classes=("cat; kitty", "dog", "sofa")) -> torch.nn.Module:
-    clip = model.clip
-    model.prepare_training(
-        LoadedCLIP(clip, default_tokenizer(clip), OPENAI_MEAN, OPENAI_STD, "tiny"), Classes(list(classes))
-    )
-    return model
 
 
 @pytest.fixture(scope="module")

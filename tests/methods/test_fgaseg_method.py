@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_clip
+from train.catseg_setup import prepared
 
 from vocabseg.errors import CheckpointError, MethodOptionError, UnknownNameError
 from vocabseg.heads.fgaseg import FGASegHead
 from vocabseg.methods import create_method, get_method_spec
-from vocabseg.models.clip import OPENAI_MEAN, OPENAI_STD, LoadedCLIP, default_tokenizer
-from vocabseg.text.vocabulary import Vocabulary
 
 SETUP = Path(__file__).parents[1] / "train" / "fgaseg_setup.py"
 #: the contract test's tiny sizes: the tiny CLIP (3 blocks, patch 16) at a 4×4 grid, window 2 (shifted)
@@ -40,20 +39,6 @@ def unit_text(k: int = 3, seed: int = 0) -> torch.Tensor:
 
 def images(*size: int, b: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(b, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-class Classes:
-    """A training dataset as ``prepare_training`` sees it (its vocabulary)."""
-
-    def __init__(self, classes: list[str]):
-        self.vocabulary = Vocabulary.from_list(classes)
-
-
-def prepared(model: torch.nn.Module, classes=("cat", "dog", "sofa")) -> torch.nn.Module:
-    clip = model.clip
-    loaded = LoadedCLIP(clip, default_tokenizer(clip), OPENAI_MEAN, OPENAI_STD, "tiny")
-    model.prepare_training(loaded, Classes(list(classes)))
-    return model
 
 
 def same_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -136,3 +136,18 @@ def seen_miou(model: torch.nn.Module, dataset) -> float:
     model.train()
     iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp(min=1)
     return float(iou.mean())
+
+
+class TrainingClasses:
+    """A training dataset as ``prepare_training`` sees it (its vocabulary)."""
+
+    def __init__(self, classes: list[str]):
+        self.vocabulary = Vocabulary.from_list(classes)
+
+
+def prepared(model: torch.nn.Module, classes=("cat; kitty", "dog", "sofa")) -> torch.nn.Module:
+    """``model`` after ``prepare_training`` on a dataset of ``classes`` (tokenized prompts kept)."""
+    clip = model.clip
+    loaded = LoadedCLIP(clip, default_tokenizer(clip), OPENAI_MEAN, OPENAI_STD, "tiny")
+    model.prepare_training(loaded, TrainingClasses(list(classes)))
+    return model
